@@ -1,0 +1,1 @@
+"""Helpers shared by several stages: params, runtime, outputs, ultralytics glue."""

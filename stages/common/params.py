@@ -1,0 +1,207 @@
+"""Loading and validating params.yaml.
+
+Every stage declares the schema of the params it reads (the same top-level keys its dvc.yaml entry
+lists under ``params:``) and calls :func:`load` before doing any work. A missing key, an unknown
+key, a wrong type or an out-of-range value fails at once with a :class:`ParamsError` that names the
+key, the value and what is allowed. params.yaml is the single source of values: the schemas hold
+no defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.common.runtime import PROJECT_ROOT
+
+PARAMS_FILE = PROJECT_ROOT / "params.yaml"
+
+
+class ParamsError(ValueError):
+    """A value in params.yaml that a stage cannot use."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> ParamsError:
+    return ParamsError(
+        f"params.yaml: {key} = {value!r} is invalid: expected {allowed}. "
+        f"Fix it in params.yaml or override it with `dvc exp run -S {key}=...`."
+    )
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer in [lo, hi] (either bound optional)."""
+
+    lo: int | None = None
+    hi: int | None = None
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"an integer in [{self.lo}, {self.hi}]"
+        if self.lo is not None:
+            return f"an integer >= {self.lo}"
+        if self.hi is not None:
+            return f"an integer <= {self.hi}"
+        return "an integer"
+
+    def check(self, key: str, value: Any) -> int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        ok = ok and (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
+        if not ok:
+            raise _fail(key, value, self.describe())
+        return value
+
+
+@dataclass(frozen=True)
+class Float:
+    """A real number between lo and hi; ``open_lo``/``open_hi`` exclude the bound itself."""
+
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def describe(self) -> str:
+        left = "-inf" if self.lo is None else f"{self.lo:g}"
+        right = "inf" if self.hi is None else f"{self.hi:g}"
+        lb = "(" if self.open_lo or self.lo is None else "["
+        rb = ")" if self.open_hi or self.hi is None else "]"
+        return f"a number in {lb}{left}, {right}{rb}"
+
+    def check(self, key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _fail(key, value, self.describe())
+        x = float(value)
+        too_low = self.lo is not None and (x <= self.lo if self.open_lo else x < self.lo)
+        too_high = self.hi is not None and (x >= self.hi if self.open_hi else x > self.hi)
+        if too_low or too_high or x != x:  # x != x: NaN
+            raise _fail(key, value, self.describe())
+        return x
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a fixed set of strings."""
+
+    options: tuple[str, ...]
+
+    def __init__(self, *options: str) -> None:
+        object.__setattr__(self, "options", options)
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(o) for o in self.options)
+
+    def check(self, key: str, value: Any) -> str:
+        if value not in self.options:
+            raise _fail(key, value, self.describe())
+        return value
+
+
+@dataclass(frozen=True)
+class Str:
+    """A non-empty string (a path, a model name, ...)."""
+
+    def describe(self) -> str:
+        return "a non-empty string"
+
+    def check(self, key: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise _fail(key, value, self.describe())
+        return value
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A string matching a regular expression."""
+
+    regex: str
+    description: str
+
+    def describe(self) -> str:
+        return self.description
+
+    def check(self, key: str, value: Any) -> str:
+        value = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(value, str) or not re.fullmatch(self.regex, value):
+            raise _fail(key, value, self.describe())
+        return value
+
+
+# 'cpu' or CUDA device indices; a bare 0 in YAML is an int and is accepted as '0'.
+DEVICE = Pattern(r"cpu|\d+(,\d+)*", "'cpu' or CUDA device indices such as '0' or '0,1'")
+
+
+@dataclass(frozen=True)
+class Bool:
+    """true or false."""
+
+    def describe(self) -> str:
+        return "true or false"
+
+    def check(self, key: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise _fail(key, value, self.describe())
+        return value
+
+
+@dataclass(frozen=True)
+class Section:
+    """A mapping with exactly the given keys, each checked by its own rule."""
+
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return "a mapping with keys " + ", ".join(self.fields)
+
+    def check(self, key: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            raise _fail(key, value, self.describe())
+        unknown = sorted(set(value) - set(self.fields))
+        if unknown:
+            raise ParamsError(
+                f"params.yaml: unknown key {key}.{unknown[0]}; the keys allowed under {key} are: "
+                f"{', '.join(self.fields)}. Check its spelling."
+            )
+        return {
+            name: rule.check(f"{key}.{name}", _require(value, name, key))
+            for name, rule in self.fields.items()
+        }
+
+
+def _require(mapping: Mapping[str, Any], name: str, parent: str) -> Any:
+    if name not in mapping:
+        where = f"{parent}.{name}" if parent else name
+        raise ParamsError(
+            f"params.yaml: missing key {where}; add it (see the README for its meaning)."
+        )
+    return mapping[name]
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The raw params mapping, with a clear error for a missing or malformed file."""
+    if not path.exists():
+        raise ParamsError(
+            f"{path} not found: run the stage from the project root, next to dvc.yaml."
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections, not {type(data).__name__}.")
+    return data
+
+
+def validate(schema: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the top-level keys named in ``schema`` (other stages' sections are left alone)."""
+    return {name: rule.check(name, _require(raw, name, "")) for name, rule in schema.items()}
+
+
+def load(schema: Mapping[str, Any], path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """Read params.yaml and return the validated values of the keys in ``schema``."""
+    return validate(schema, read_yaml(path))

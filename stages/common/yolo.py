@@ -1,0 +1,135 @@
+"""Glue between the stages and ultralytics: training, validation, loading, model size.
+
+Importing this module finishes the runtime set-up that needs ultralytics itself: integrations and
+sync are switched off, its run/weight/dataset dirs point into the project's .cache/, and torch uses
+every core (ultralytics resets torch to cpu_count - 1 threads whenever it selects the CPU).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import thop
+import torch
+import ultralytics.utils as ul_utils
+import ultralytics.utils.torch_utils as ul_torch_utils
+from ultralytics import YOLO
+from ultralytics.nn.tasks import DetectionModel
+
+from stages.common.params import ParamsError
+from stages.common.runtime import CACHE_DIR, PROJECT_ROOT, cpu_threads
+
+RUNS_DIR = CACHE_DIR / "runs"
+DATA_YAML = PROJECT_ROOT / "data" / "yolo" / "dataset.yaml"
+MODEL_CFG = re.compile(r"^yolov8[nsmlx]\.yaml$")
+
+ul_utils.SETTINGS.update(
+    {
+        "sync": False,
+        "runs_dir": str(RUNS_DIR),
+        "weights_dir": str(CACHE_DIR / "weights"),
+        "datasets_dir": str(PROJECT_ROOT / "data"),
+        **{
+            k: False
+            for k in ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
+        },
+    }
+)
+ul_utils.NUM_THREADS = ul_torch_utils.NUM_THREADS = cpu_threads()
+torch.set_num_threads(cpu_threads())
+
+
+def check_model_source(key: str, value: str) -> str:
+    """A model to start from: a yolov8{n,s,m,l,x}.yaml name or an existing local .pt file."""
+    if MODEL_CFG.match(value):
+        return value
+    path = PROJECT_ROOT / value
+    if value.endswith(".pt"):
+        if not path.is_file():
+            raise ParamsError(
+                f"params.yaml: {key} = {value!r}: no such file. Put the weights there (nothing is "
+                f"downloaded) or use a config name such as 'yolov8n.yaml' to train from scratch."
+            )
+        return str(path)
+    raise ParamsError(
+        f"params.yaml: {key} = {value!r} is not a known model: expected one of yolov8n.yaml, "
+        f"yolov8s.yaml, yolov8m.yaml, yolov8l.yaml, yolov8x.yaml or a local .pt path."
+    )
+
+
+def check_dataset() -> Path:
+    """The dataset yaml written by the dataset stage, or a clear error if it is missing."""
+    if not DATA_YAML.is_file():
+        raise FileNotFoundError(f"{DATA_YAML} not found: run `dvc repro dataset` first.")
+    return DATA_YAML
+
+
+def load_detector(path: Path | str) -> YOLO:
+    """Load a YOLOv8 detection checkpoint, failing clearly on anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the stage that writes it (`dvc repro`).")
+    try:
+        model = YOLO(str(path))
+    except Exception as err:
+        raise ValueError(f"{path} is not an ultralytics checkpoint: {err}") from err
+    if not isinstance(model.model, DetectionModel) or model.task != "detect":
+        raise ValueError(
+            f"{path} holds a {type(model.model).__name__} ({model.task}), not a "
+            f"YOLOv8 detection model."
+        )
+    return model
+
+
+def train(model: YOLO, run_name: str, **args: Any) -> Path:
+    """Train with ultralytics in .cache/runs/<run_name>; returns the run folder.
+
+    The run folder is wiped first so that a resumed or repeated stage never mixes two runs.
+    """
+    run_dir = RUNS_DIR / run_name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    model.train(
+        data=str(check_dataset()),
+        project=str(RUNS_DIR),
+        name=run_name,
+        exist_ok=True,
+        plots=False,
+        deterministic=True,
+        verbose=True,
+        **args,
+    )
+    return run_dir
+
+
+def validate(model: YOLO, run_name: str, **args: Any) -> Any:
+    """ultralytics validation on the val split; returns its DetMetrics."""
+    return model.val(
+        data=str(check_dataset()),
+        split="val",
+        project=str(RUNS_DIR),
+        name=run_name,
+        exist_ok=True,
+        plots=False,
+        verbose=False,
+        **args,
+    )
+
+
+def model_size(model: torch.nn.Module, imgsz: int) -> dict[str, float]:
+    """Params, MACs and FLOPs of the fused (deployable) model at one square input size.
+
+    Convention: MACs are multiply-accumulates counted by thop; FLOPs = 2 x MACs (as ultralytics
+    and the paper report GFLOPs). Batch-norm is folded into the convolutions first, as it is in
+    any deployed model.
+    """
+    fused = deepcopy(model).float().eval()
+    if hasattr(fused, "fuse"):
+        fused = fused.fuse(verbose=False)
+    params = sum(p.numel() for p in fused.parameters())
+    x = torch.zeros(1, 3, imgsz, imgsz)
+    macs, _ = thop.profile(fused, inputs=(x,), verbose=False)
+    return {"params": params, "macs_g": macs / 1e9, "flops_g": 2 * macs / 1e9}

@@ -1,0 +1,145 @@
+"""params.yaml validation: every bad value fails early and names the key, value and rule."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import pytest
+import yaml
+
+from stages.common import params as P
+from tests.conftest import PROJECT_ROOT
+
+STAGE_MODULES = ("dataset", "baseline", "evaluate")
+
+
+def _schema(stage: str) -> dict:
+    return importlib.import_module(f"stages.{stage}").SCHEMA
+
+
+def _raw() -> dict:
+    return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("stage", STAGE_MODULES)
+def test_params_yaml_is_valid_for_every_stage(stage: str) -> None:
+    P.validate(_schema(stage), _raw())
+
+
+@pytest.mark.parametrize("stage", STAGE_MODULES)
+def test_dvc_yaml_declares_exactly_the_params_each_stage_reads(stage: str) -> None:
+    """A param read but not declared goes stale silently; one declared but unread re-runs."""
+    dvc = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+    assert sorted(dvc["stages"][stage]["params"]) == sorted(_schema(stage))
+
+
+def test_every_params_yaml_section_is_read_by_some_stage() -> None:
+    read = set().union(*(_schema(s) for s in STAGE_MODULES))
+    assert set(_raw()) == read
+
+
+@pytest.mark.parametrize(
+    ("stage", "path", "value", "message"),
+    [
+        (
+            "baseline",
+            ("baseline", "epochs"),
+            0,
+            "baseline.epochs = 0 is invalid: expected an integer in [1, 10000]",
+        ),
+        (
+            "baseline",
+            ("baseline", "lr0"),
+            0.0,
+            "baseline.lr0 = 0.0 is invalid: expected a number in (0, 1]",
+        ),
+        ("baseline", ("baseline", "lr0"), "fast", "baseline.lr0 = 'fast' is invalid"),
+        ("baseline", ("baseline", "optimizer"), "Lion", "expected one of 'SGD', 'Adam', 'AdamW'"),
+        (
+            "baseline",
+            ("baseline", "mosaic"),
+            1.5,
+            "baseline.mosaic = 1.5 is invalid: expected a number in [0, 1]",
+        ),
+        (
+            "baseline",
+            ("device",),
+            "gpu",
+            "device = 'gpu' is invalid: expected 'cpu' or CUDA device",
+        ),
+        ("baseline", ("seed",), True, "seed = True is invalid: expected an integer >= 0"),
+        ("dataset", ("dataset", "source"), "coco", "dataset.source = 'coco' is invalid"),
+        (
+            "dataset",
+            ("dataset", "synthetic", "train_images"),
+            -3,
+            "dataset.synthetic.train_images = -3",
+        ),
+        (
+            "evaluate",
+            ("evaluate", "latency_repeats"),
+            2.5,
+            "evaluate.latency_repeats = 2.5 is invalid",
+        ),
+    ],
+)
+def test_bad_values_name_key_value_and_rule(
+    stage: str, path: tuple, value: object, message: str
+) -> None:
+    raw = copy.deepcopy(_raw())
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(P.ParamsError) as err:
+        P.validate(_schema(stage), raw)
+    assert message in str(err.value)
+    assert "dvc exp run -S" in str(err.value)
+
+
+def test_unknown_key_is_rejected_with_the_allowed_ones() -> None:
+    raw = _raw()
+    raw["baseline"]["epoch"] = 3
+    with pytest.raises(P.ParamsError, match=r"unknown key baseline\.epoch; the keys allowed"):
+        P.validate(_schema("baseline"), raw)
+
+
+def test_missing_key_is_named() -> None:
+    raw = _raw()
+    del raw["dataset"]["synthetic"]["objects_max"]
+    with pytest.raises(P.ParamsError, match=r"missing key dataset\.synthetic\.objects_max"):
+        P.validate(_schema("dataset"), raw)
+
+
+def test_device_accepts_cpu_and_indices() -> None:
+    for value, expected in (("cpu", "cpu"), (0, "0"), ("0,1", "0,1")):
+        assert P.DEVICE.check("device", value) == expected
+
+
+def test_unknown_model_and_missing_weights() -> None:
+    from stages.common.yolo import check_model_source
+
+    assert check_model_source("baseline.model", "yolov8m.yaml") == "yolov8m.yaml"
+    with pytest.raises(P.ParamsError, match="not a known model"):
+        check_model_source("baseline.model", "yolov9z.yaml")
+    with pytest.raises(P.ParamsError, match="no such file"):
+        check_model_source("baseline.model", "weights/missing.pt")
+
+
+def test_imgsz_must_be_a_multiple_of_32() -> None:
+    from stages.baseline import training_args
+
+    raw = P.validate(_schema("baseline"), _raw())
+    raw["imgsz"] = 100
+    with pytest.raises(P.ParamsError, match="imgsz = 100 must be a multiple of 32"):
+        training_args(raw, raw["baseline"])
+
+
+def test_malformed_params_file(tmp_path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("seed: [1,\n")
+    with pytest.raises(P.ParamsError, match="not valid YAML"):
+        P.load({"seed": P.Int(0)}, bad)
+    with pytest.raises(P.ParamsError, match="not found"):
+        P.load({"seed": P.Int(0)}, tmp_path / "nope.yaml")

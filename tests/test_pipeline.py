@@ -1,0 +1,158 @@
+"""End to end: `dvc repro` of a tiny profile in a temporary copy of the repo, for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "imgsz": 64,
+    "dataset": {
+        "synthetic": {
+            "train_images": 16,
+            "val_images": 8,
+            "image_size": 64,
+            "objects_min": 3,
+            "objects_max": 6,
+        }
+    },
+    "baseline": {"epochs": 1, "batch": 8, "nbs": 8, "warmup_epochs": 0.0},
+    "evaluate": {"latency_warmup": 1, "latency_repeats": 3},
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        base[key] = _merge(base[key], value) if isinstance(value, dict) else value
+    return base
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    )
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A git + DVC copy of the project's tracked (and new, non-ignored) files with tiny params."""
+    repo = tmp_path_factory.mktemp("repo")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        src = PROJECT_ROOT / name
+        if src.is_file() and not name.startswith(("data/", "models/", "reports/")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / name)
+    for lock in ("dvc.lock",):  # start from nothing, as a fresh checkout with no cache would
+        (repo / lock).unlink(missing_ok=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(_merge(params, TINY), sort_keys=False))
+
+    home = repo.parent / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "DVC_"))}
+    env.update(
+        HOME=str(home),
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+        GIT_CONFIG_NOSYSTEM="1",
+        PYTHONPATH=str(repo),
+    )
+    _run(["git", "init", "-q"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "tiny"], repo, env)
+    return repo, env
+
+
+def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict]) -> None:
+    repo, env = tiny_repo
+    out = _run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    for stage in ("dataset", "baseline", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+
+    stats = json.loads((repo / "reports/dataset/stats.json").read_text())
+    assert stats["train"]["images"] == 16 and stats["val"]["images"] == 8
+    assert len(list((repo / "data/yolo/labels/train").glob("*.txt"))) == 16
+
+    metrics = json.loads((repo / "reports/metrics.json").read_text())["baseline"]
+    assert 0.0 <= metrics["ap50"] <= 1.0
+    assert metrics["params_m"] > 1.0 and metrics["gflops"] > 0 and metrics["cpu_fps"] > 0
+    header = (repo / "reports/baseline/results.csv").read_text().splitlines()[0]
+    assert "metrics/mAP50(B)" in header
+    assert "| baseline |" in (repo / "reports/summary.md").read_text()
+
+    # The checkpoint is a regular ultralytics detection model.
+    check = (
+        "from stages.common.yolo import load_detector; "
+        "m = load_detector('models/baseline.pt'); print(m.task, len(m.names))"
+    )
+    assert _run([sys.executable, "-c", check], repo, env).split()[-2:] == ["detect", "10"]
+
+    # Nothing was written to the home directory; nothing left half-written.
+    assert list(Path(env["HOME"]).iterdir()) == []
+    assert not list(repo.rglob(".*.partial-*"))
+
+
+def test_second_repro_is_a_no_op(tiny_repo: tuple[Path, dict]) -> None:
+    repo, env = tiny_repo
+    if not (repo / "dvc.lock").exists():
+        _run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    out = _run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    assert "Running stage" not in out
+    status = _run([sys.executable, "-m", "dvc", "status"], repo, env)
+    assert "up to date" in status
+
+
+def test_changing_evaluate_params_reruns_only_evaluate(tiny_repo: tuple[Path, dict]) -> None:
+    repo, env = tiny_repo
+    if not (repo / "dvc.lock").exists():
+        _run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"]["latency_repeats"] += 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    assert "Running stage 'evaluate'" in out
+    assert "Running stage 'dataset'" not in out and "Running stage 'baseline'" not in out
+
+
+def test_bad_params_fail_the_stage_with_a_clear_message(tiny_repo: tuple[Path, dict]) -> None:
+    repo, env = tiny_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["baseline"]["epochs"] = 0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "stages.baseline"],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        params["baseline"]["epochs"] = 1
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert done.returncode != 0
+    assert "baseline.epochs = 0 is invalid" in done.stderr

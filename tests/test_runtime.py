@@ -1,0 +1,55 @@
+"""The runtime set-up: offline ultralytics, everything inside the project, all CPU cores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stages.common.outputs import atomic_path, write_json
+from stages.common.runtime import CACHE_DIR, cpu_threads
+
+
+def test_environment_is_offline_and_inside_the_project() -> None:
+    assert os.environ["YOLO_OFFLINE"] == "1"
+    assert os.environ["YOLO_AUTOINSTALL"] == "false"
+    for var in ("YOLO_CONFIG_DIR", "MPLCONFIGDIR", "TORCH_HOME", "XDG_CACHE_HOME", "TMPDIR"):
+        assert Path(os.environ[var]).is_relative_to(CACHE_DIR), var
+    for font in ("Arial.ttf", "Arial.Unicode.ttf"):  # else ultralytics downloads them
+        assert (Path(os.environ["YOLO_CONFIG_DIR"]) / font).stat().st_size > 10_000
+
+
+def test_ultralytics_settings_and_threads() -> None:
+    import torch
+    import ultralytics.utils as ul_utils
+
+    import stages.common.yolo  # noqa: F401
+
+    assert ul_utils.SETTINGS["sync"] is False
+    assert Path(ul_utils.SETTINGS["runs_dir"]).is_relative_to(CACHE_DIR)
+    assert not ul_utils.is_online()
+    from ultralytics.utils.torch_utils import select_device
+
+    select_device("cpu", verbose=False)  # ultralytics resets the thread count here
+    assert torch.get_num_threads() == cpu_threads()
+
+
+def test_atomic_path_keeps_the_old_output_when_the_writer_fails(tmp_path: Path) -> None:
+    target = tmp_path / "model.pt"
+    target.write_text("good")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_atomic_path_replaces_folders_whole(tmp_path: Path) -> None:
+    target = tmp_path / "data"
+    (target / "old").mkdir(parents=True)
+    with atomic_path(target) as tmp:
+        (tmp / "new").mkdir(parents=True)
+    assert [p.name for p in target.iterdir()] == ["new"]
+    write_json(tmp_path / "m.json", {"a": 1})
+    assert (tmp_path / "m.json").read_text() == '{\n  "a": 1\n}\n'
