@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -21,13 +22,17 @@ from stages.common.outputs import atomic_path, print_summary, write_json
 from stages.common.runtime import PROJECT_ROOT
 
 # The models of the pipeline, in DAG order: name -> checkpoint written by its stage.
-MODELS = {"baseline": PROJECT_ROOT / "models" / "baseline.pt"}
+MODELS = {
+    "baseline": PROJECT_ROOT / "models" / "baseline.pt",
+    "sparse": PROJECT_ROOT / "models" / "sparse.pt",
+    "pruned": PROJECT_ROOT / "models" / "pruned.pt",
+}
 METRICS_OUT = PROJECT_ROOT / "reports" / "metrics.json"
 SUMMARY_OUT = PROJECT_ROOT / "reports" / "summary.md"
 
 SCHEMA = {
-    "imgsz": P.Int(32, 4096),
-    "device": P.DEVICE,
+    "imgsz": P.COMMON["imgsz"],
+    "device": P.COMMON["device"],
     "evaluate": P.Section(
         {
             "batch": P.Int(1, 1024),
@@ -56,6 +61,10 @@ def evaluate_model(path: Path, params: dict) -> dict[str, float]:
     """All metrics of one checkpoint."""
     cfg = params["evaluate"]
     detector = yolo.load_detector(path)
+    size = yolo.model_size(detector.model, params["imgsz"])
+    # Timed first, while no validation dataloader threads compete for the cores.
+    fused = deepcopy(detector.model).float().fuse(verbose=False)
+    times = cpu_latency_ms(fused, params["imgsz"], cfg["latency_warmup"], cfg["latency_repeats"])
     results = yolo.validate(
         detector,
         f"evaluate-{path.stem}",
@@ -63,9 +72,6 @@ def evaluate_model(path: Path, params: dict) -> dict[str, float]:
         batch=cfg["batch"],
         device=params["device"],
     )
-    size = yolo.model_size(detector.model, params["imgsz"])
-    fused = detector.model.float().fuse(verbose=False)
-    times = cpu_latency_ms(fused, params["imgsz"], cfg["latency_warmup"], cfg["latency_repeats"])
     median = statistics.median(times)
     return {
         "ap50": round(float(results.box.map50), 4),
@@ -88,7 +94,8 @@ def summary_table(metrics: dict[str, dict[str, float]], imgsz: int) -> str:
         f"Models on the val split at imgsz {imgsz}; FLOPs = 2 x MACs of the fused model; FPS = "
         f"1000 / median CPU latency of one image (batch 1, fp32).",
         "",
-        "| model | params (M) | FLOPs (G) | MACs (G) | AP50 | mAP50-95 | CPU FPS | params vs baseline |",
+        "| model | params (M) | FLOPs (G) | MACs (G) | AP50 | mAP50-95 | CPU FPS "
+        "| params vs baseline |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in metrics.items():

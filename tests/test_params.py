@@ -11,7 +11,7 @@ import yaml
 from stages.common import params as P
 from tests.conftest import PROJECT_ROOT
 
-STAGE_MODULES = ("dataset", "baseline", "evaluate")
+STAGE_MODULES = ("dataset", "baseline", "sparse_train", "prune", "evaluate")
 
 
 def _schema(stage: str) -> dict:
@@ -128,12 +128,10 @@ def test_unknown_model_and_missing_weights() -> None:
 
 
 def test_imgsz_must_be_a_multiple_of_32() -> None:
-    from stages.baseline import training_args
-
-    raw = P.validate(_schema("baseline"), _raw())
+    raw = _raw()
     raw["imgsz"] = 100
-    with pytest.raises(P.ParamsError, match="imgsz = 100 must be a multiple of 32"):
-        training_args(raw, raw["baseline"])
+    with pytest.raises(P.ParamsError, match=r"imgsz = 100 is invalid: .* multiple of 32"):
+        P.validate(_schema("evaluate"), raw)
 
 
 def test_malformed_params_file(tmp_path) -> None:

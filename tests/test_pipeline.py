@@ -28,6 +28,7 @@ TINY = {
         }
     },
     "baseline": {"epochs": 1, "batch": 8, "nbs": 8, "warmup_epochs": 0.0},
+    "sparse_train": {"epochs": 1, "batch": 8, "nbs": 8},
     "evaluate": {"latency_warmup": 1, "latency_repeats": 3},
 }
 
@@ -89,16 +90,28 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict]) -> None:
     repo, env = tiny_repo
     out = _run([sys.executable, "-m", "dvc", "repro"], repo, env)
-    for stage in ("dataset", "baseline", "evaluate"):
+    for stage in ("dataset", "baseline", "sparse_train", "evaluate"):
         assert f"Running stage '{stage}'" in out
 
     stats = json.loads((repo / "reports/dataset/stats.json").read_text())
     assert stats["train"]["images"] == 16 and stats["val"]["images"] == 8
     assert len(list((repo / "data/yolo/labels/train").glob("*.txt"))) == 16
 
-    metrics = json.loads((repo / "reports/metrics.json").read_text())["baseline"]
+    all_metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert set(all_metrics) == {"baseline", "sparse"}
+    metrics = all_metrics["baseline"]
     assert 0.0 <= metrics["ap50"] <= 1.0
     assert metrics["params_m"] > 1.0 and metrics["gflops"] > 0 and metrics["cpu_fps"] > 0
+    assert (
+        all_metrics["sparse"]["params_m"] == metrics["params_m"]
+    )  # sparsity alone removes nothing
+
+    sparsity = json.loads((repo / "reports/sparse_train/sparsity.json").read_text())
+    assert sparsity["gamma_l1_after"] < sparsity["gamma_l1_before"]  # the penalty did its work
+    sparse_header = (repo / "reports/sparse_train/results.csv").read_text().splitlines()[0]
+    for column in ("sparsity/coefficient", "sparsity/gamma_l1", "sparsity/near_zero"):
+        assert column in sparse_header
+    assert (repo / "reports/sparse_train/gamma_hist.png").stat().st_size > 1000
     header = (repo / "reports/baseline/results.csv").read_text().splitlines()[0]
     assert "metrics/mAP50(B)" in header
     assert "| baseline |" in (repo / "reports/summary.md").read_text()
@@ -134,6 +147,21 @@ def test_changing_evaluate_params_reruns_only_evaluate(tiny_repo: tuple[Path, di
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run([sys.executable, "-m", "dvc", "repro"], repo, env)
     assert "Running stage 'evaluate'" in out
+    assert "Running stage 'dataset'" not in out and "Running stage 'baseline'" not in out
+
+
+def test_changing_a_sparse_train_param_reruns_it_and_downstream_only(
+    tiny_repo: tuple[Path, dict],
+) -> None:
+    repo, env = tiny_repo
+    if not (repo / "dvc.lock").exists():
+        _run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    out = _run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "sparse_train.coefficient=0.02"],
+        repo,
+        env,
+    )
+    assert "Running stage 'sparse_train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'dataset'" not in out and "Running stage 'baseline'" not in out
 
 

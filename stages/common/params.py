@@ -35,24 +35,27 @@ def _fail(key: str, value: Any, allowed: str) -> ParamsError:
 
 @dataclass(frozen=True)
 class Int:
-    """An integer in [lo, hi] (either bound optional)."""
+    """An integer in [lo, hi] (either bound optional), optionally a multiple of ``multiple``."""
 
     lo: int | None = None
     hi: int | None = None
+    multiple: int = 1
 
     def describe(self) -> str:
         if self.lo is not None and self.hi is not None:
-            return f"an integer in [{self.lo}, {self.hi}]"
-        if self.lo is not None:
-            return f"an integer >= {self.lo}"
-        if self.hi is not None:
-            return f"an integer <= {self.hi}"
-        return "an integer"
+            text = f"an integer in [{self.lo}, {self.hi}]"
+        elif self.lo is not None:
+            text = f"an integer >= {self.lo}"
+        elif self.hi is not None:
+            text = f"an integer <= {self.hi}"
+        else:
+            text = "an integer"
+        return text + (f" that is a multiple of {self.multiple}" if self.multiple > 1 else "")
 
     def check(self, key: str, value: Any) -> int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         ok = ok and (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
-        if not ok:
+        if not ok or value % self.multiple:
             raise _fail(key, value, self.describe())
         return value
 
@@ -137,6 +140,19 @@ DEVICE = Pattern(r"cpu|\d+(,\d+)*", "'cpu' or CUDA device indices such as '0' or
 
 
 @dataclass(frozen=True)
+class StrList:
+    """A list of strings (possibly empty)."""
+
+    def describe(self) -> str:
+        return "a list of strings, e.g. [] or ['model.22']"
+
+    def check(self, key: str, value: Any) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise _fail(key, value, self.describe())
+        return value
+
+
+@dataclass(frozen=True)
 class Bool:
     """true or false."""
 
@@ -205,3 +221,7 @@ def validate(schema: Mapping[str, Any], raw: Mapping[str, Any]) -> dict[str, Any
 def load(schema: Mapping[str, Any], path: Path = PARAMS_FILE) -> dict[str, Any]:
     """Read params.yaml and return the validated values of the keys in ``schema``."""
     return validate(schema, read_yaml(path))
+
+
+# Top-level settings shared by the stages that train or measure models.
+COMMON = {"seed": Int(0), "imgsz": Int(32, 4096, multiple=32), "device": DEVICE}

@@ -18,14 +18,29 @@ import torch
 import ultralytics.utils as ul_utils
 import ultralytics.utils.torch_utils as ul_torch_utils
 from ultralytics import YOLO
+from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.nn.tasks import DetectionModel
 
-from stages.common.params import ParamsError
+from stages.common import params as P
 from stages.common.runtime import CACHE_DIR, PROJECT_ROOT, cpu_threads
 
 RUNS_DIR = CACHE_DIR / "runs"
 DATA_YAML = PROJECT_ROOT / "data" / "yolo" / "dataset.yaml"
 MODEL_CFG = re.compile(r"^yolov8[nsmlx]\.yaml$")
+
+# The ultralytics training settings every training stage reads from its own params section.
+TRAINING = {
+    "epochs": P.Int(1, 10_000),
+    "batch": P.Int(1, 1024),
+    # ultralytics steps the optimizer every nbs/batch batches; nbs = batch steps every batch.
+    "nbs": P.Int(1, 1024),
+    "optimizer": P.Choice("SGD", "Adam", "AdamW"),
+    "lr0": P.Float(0, 1, open_lo=True),
+    "warmup_epochs": P.Float(0, 100),
+    "mosaic": P.Float(0, 1),
+    "close_mosaic": P.Int(0),
+    "workers": P.Int(0, 64),
+}
 
 ul_utils.SETTINGS.update(
     {
@@ -50,12 +65,12 @@ def check_model_source(key: str, value: str) -> str:
     path = PROJECT_ROOT / value
     if value.endswith(".pt"):
         if not path.is_file():
-            raise ParamsError(
+            raise P.ParamsError(
                 f"params.yaml: {key} = {value!r}: no such file. Put the weights there (nothing is "
                 f"downloaded) or use a config name such as 'yolov8n.yaml' to train from scratch."
             )
         return str(path)
-    raise ParamsError(
+    raise P.ParamsError(
         f"params.yaml: {key} = {value!r} is not a known model: expected one of yolov8n.yaml, "
         f"yolov8s.yaml, yolov8m.yaml, yolov8l.yaml, yolov8x.yaml or a local .pt path."
     )
@@ -85,7 +100,39 @@ def load_detector(path: Path | str) -> YOLO:
     return model
 
 
-def train(model: YOLO, run_name: str, **args: Any) -> Path:
+class ModelKeepingTrainer(DetectionTrainer):
+    """A detection trainer that trains the very model it is given.
+
+    Stock ultralytics rebuilds the network from its yaml and copies matching weights into it,
+    which silently undoes pruning. Here the loaded checkpoint's module is trained as it is, so a
+    pruned model keeps its channel counts through training.
+    """
+
+    def get_model(
+        self, cfg: Any = None, weights: torch.nn.Module | None = None, verbose: bool = True
+    ) -> DetectionModel:
+        if weights is None:  # from a yaml: nothing to keep
+            return super().get_model(cfg=cfg, weights=None, verbose=verbose)
+        if weights.nc != self.data["nc"]:
+            raise ValueError(
+                f"the model detects {weights.nc} classes but the dataset has {self.data['nc']}: "
+                f"train it on the dataset it was built for."
+            )
+        model = weights.float()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+
+def training_args(params: dict, section: dict) -> dict:
+    """ultralytics train() arguments from a validated training section and the common params."""
+    args = {k: section[k] for k in TRAINING}
+    return {**args, "seed": params["seed"], "imgsz": params["imgsz"], "device": params["device"]}
+
+
+def train(
+    model: YOLO, run_name: str, trainer: type[DetectionTrainer] = ModelKeepingTrainer, **args: Any
+) -> Path:
     """Train with ultralytics in .cache/runs/<run_name>; returns the run folder.
 
     The run folder is wiped first so that a resumed or repeated stage never mixes two runs.
@@ -93,6 +140,7 @@ def train(model: YOLO, run_name: str, **args: Any) -> Path:
     run_dir = RUNS_DIR / run_name
     shutil.rmtree(run_dir, ignore_errors=True)
     model.train(
+        trainer=trainer,
         data=str(check_dataset()),
         project=str(RUNS_DIR),
         name=run_name,
