@@ -2,7 +2,8 @@
 
 For each model: AP50, mAP50-95, precision and recall (ultralytics validation), params, MACs and
 FLOPs of the fused model at imgsz, file size, and CPU latency of one image (batch 1, fp32, after
-warm-up; median over repeats) with FPS = 1000 / median ms.
+warm-up; median over repeats) with FPS = 1000 / median ms. The models are timed in turns, pass by
+pass, before any validation runs.
 
 Writes reports/metrics.json (DVC metrics, keys like ``baseline.ap50``) and reports/summary.md.
 """
@@ -43,36 +44,39 @@ SCHEMA = {
 }
 
 
-def cpu_latency_ms(model: torch.nn.Module, imgsz: int, warmup: int, repeats: int) -> list[float]:
-    """Wall time of single-image forward passes of ``model`` on the CPU, in milliseconds."""
-    model = model.float().cpu().eval()
+def cpu_latency_ms(
+    models: dict[str, torch.nn.Module], imgsz: int, warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Wall times (ms) of single-image forward passes of each model on the CPU.
+
+    The models take turns pass by pass, so drift in the machine's speed (other load, clock
+    changes) hits all of them alike and their ratios stay fair.
+    """
     x = torch.rand(1, 3, imgsz, imgsz)
-    times = []
+    models = {name: m.float().cpu().eval() for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            start = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000)
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1000)
     return times
 
 
-def evaluate_model(path: Path, params: dict) -> dict[str, float]:
-    """All metrics of one checkpoint."""
-    cfg = params["evaluate"]
+def evaluate_model(path: Path, params: dict, latency: list[float]) -> dict[str, float]:
+    """All metrics of one checkpoint, given its measured latencies."""
     detector = yolo.load_detector(path)
     size = yolo.model_size(detector.model, params["imgsz"])
-    # Timed first, while no validation dataloader threads compete for the cores.
-    fused = deepcopy(detector.model).float().fuse(verbose=False)
-    times = cpu_latency_ms(fused, params["imgsz"], cfg["latency_warmup"], cfg["latency_repeats"])
     results = yolo.validate(
         detector,
         f"evaluate-{path.stem}",
         imgsz=params["imgsz"],
-        batch=cfg["batch"],
+        batch=params["evaluate"]["batch"],
         device=params["device"],
     )
-    median = statistics.median(times)
+    median = statistics.median(latency)
     return {
         "ap50": round(float(results.box.map50), 4),
         "map50_95": round(float(results.box.map), 4),
@@ -91,25 +95,35 @@ def summary_table(metrics: dict[str, dict[str, float]], imgsz: int) -> str:
     """A Markdown table in the paper's shape, with changes relative to the baseline."""
     base = metrics["baseline"]
     lines = [
-        f"Models on the val split at imgsz {imgsz}; FLOPs = 2 x MACs of the fused model; FPS = "
-        f"1000 / median CPU latency of one image (batch 1, fp32).",
+        f"Models on the val split at imgsz {imgsz}. FLOPs = 2 x MACs of the fused model. CPU ms: "
+        f"median latency of one image (batch 1, fp32), models timed in turns in one run; "
+        f"speedup = baseline ms / model ms.",
         "",
-        "| model | params (M) | FLOPs (G) | MACs (G) | AP50 | mAP50-95 | CPU FPS "
-        "| params vs baseline |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | params (M) | FLOPs (G) | MACs (G) | AP50 | mAP50-95 | CPU ms | CPU FPS "
+        "| params | FLOPs | speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in metrics.items():
-        change = (m["params_m"] / base["params_m"] - 1) * 100
         lines.append(
             f"| {name} | {m['params_m']:.3f} | {m['gflops']:.3f} | {m['gmacs']:.3f} | "
-            f"{m['ap50']:.3f} | {m['map50_95']:.3f} | {m['cpu_fps']:.1f} | {change:+.1f}% |"
+            f"{m['ap50']:.3f} | {m['map50_95']:.3f} | {m['cpu_latency_ms']:.2f} | "
+            f"{m['cpu_fps']:.1f} | {(m['params_m'] / base['params_m'] - 1) * 100:+.1f}% | "
+            f"{(m['gflops'] / base['gflops'] - 1) * 100:+.1f}% | "
+            f"{base['cpu_latency_ms'] / m['cpu_latency_ms']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     params = P.load(SCHEMA)
-    metrics = {name: evaluate_model(path, params) for name, path in MODELS.items()}
+    cfg = params["evaluate"]
+    # Timed first, all together, before validation starts dataloader workers that compete.
+    fused = {
+        name: deepcopy(yolo.load_detector(path).model).float().fuse(verbose=False)
+        for name, path in MODELS.items()
+    }
+    times = cpu_latency_ms(fused, params["imgsz"], cfg["latency_warmup"], cfg["latency_repeats"])
+    metrics = {name: evaluate_model(path, params, times[name]) for name, path in MODELS.items()}
     write_json(METRICS_OUT, metrics)
     with atomic_path(SUMMARY_OUT) as tmp:
         tmp.write_text(summary_table(metrics, params["imgsz"]))

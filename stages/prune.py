@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from ultralytics.data.augment import LetterBox
 from ultralytics.nn.modules import C2f, Detect
+from ultralytics.nn.tasks import DetectionModel
 
 from stages.common import params as P
 from stages.common import yolo
@@ -272,7 +273,7 @@ def detect_prefix(model: nn.Module) -> str:
 
 @dataclass
 class Space:
-    """Channels of the same convs that are pruned under one budget (a layer, or a tied set)."""
+    """Channel groups made and read by the same convs, pruned under one budget."""
 
     convs: tuple[str, ...]
     groups: list[list[ChannelId]]  # prunable groups, most important first after planning
@@ -307,10 +308,18 @@ def plan(
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     skip = tuple(skip_prefixes)
-    by_space: dict[tuple[str, ...], Space] = {}
-    for members in graph.groups().values():
+    consumers: dict[ChannelId, set[str]] = defaultdict(set)
+    for name, inputs in graph.inputs.items():
+        for c in inputs:
+            if c is not None:
+                consumers[graph.find(c)].add(name)
+    # A space is the set of groups made by the same convs and read by the same convs: the two
+    # halves of a C2f split are separate spaces, so neither can be emptied.
+    by_space: dict[tuple, Space] = {}
+    for root, members in graph.groups().items():
         convs = tuple(sorted({c for c, _ in members}))
-        space = by_space.setdefault(convs, Space(convs, [], 0))
+        key = (convs, tuple(sorted(consumers[root])))
+        space = by_space.setdefault(key, Space(convs, [], 0))
         if any(m in graph.blocked for m in members) or any(c.startswith(skip) for c in convs):
             space.fixed += 1
         else:
@@ -581,5 +590,38 @@ def main() -> None:
     print_summary("prune", lines)
 
 
+def size_sweep(cfg: str, ratios: Iterable[float], sizes: Iterable[int] = (640, 1024)) -> list[dict]:
+    """Params, FLOPs and MACs of ``cfg`` (10 classes) pruned uniformly at each ratio.
+
+    Uniform pruning of a freshly built model: the counts depend only on the ratio, not on
+    weights, which is what a size budget such as the paper's 6.85M params needs.
+    """
+    base = make_prunable(DetectionModel(cfg, nc=10, verbose=False).eval())
+    graph = trace(base)
+    rows = []
+    for ratio in ratios:
+        model = deepcopy(base)
+        chosen = plan(graph, bn_gammas(model), ratio, "uniform", 8, 8)
+        apply(model, graph, chosen.removed, torch.rand(1, 3, 64, 64))
+        row = {"model": cfg, "ratio": ratio}
+        for size in sizes:
+            counted = yolo.model_size(model, size)
+            row.update(params_m=round(counted["params"] / 1e6, 3))
+            row[f"gflops_{size}"] = round(counted["flops_g"], 2)
+            row[f"gmacs_{size}"] = round(counted["macs_g"], 2)
+        rows.append(row)
+    return rows
+
+
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-sweep", metavar="CFG", help="print sizes of CFG pruned at ratios")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    cli = parser.parse_args()
+    if cli.size_sweep:
+        for row in size_sweep(cli.size_sweep, cli.ratios):
+            print(row)
+    else:
+        main()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -32,6 +34,26 @@ def test_dvc_yaml_declares_exactly_the_params_each_stage_reads(stage: str) -> No
     """A param read but not declared goes stale silently; one declared but unread re-runs."""
     dvc = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
     assert sorted(dvc["stages"][stage]["params"]) == sorted(_schema(stage))
+
+
+@pytest.mark.parametrize("stage", STAGE_MODULES)
+def test_dvc_yaml_declares_exactly_the_code_each_stage_imports(stage: str) -> None:
+    """A stage's code deps are the project modules it imports, no more and no fewer."""
+    code = (
+        f"import sys, stages.{stage}; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('stages.'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+    )
+    imported = {
+        "stages/" + m.removeprefix("stages.").replace(".", "/") + ".py"
+        for m in done.stdout.split()
+        if m != "stages.common"
+    }
+    dvc = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+    declared = {d for d in dvc["stages"][stage]["deps"] if d.startswith("stages/")}
+    assert declared == imported
 
 
 def test_every_params_yaml_section_is_read_by_some_stage() -> None:

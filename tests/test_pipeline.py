@@ -90,7 +90,7 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict]) -> None:
     repo, env = tiny_repo
     out = _run([sys.executable, "-m", "dvc", "repro"], repo, env)
-    for stage in ("dataset", "baseline", "sparse_train", "evaluate"):
+    for stage in ("dataset", "baseline", "sparse_train", "prune", "evaluate"):
         assert f"Running stage '{stage}'" in out
 
     stats = json.loads((repo / "reports/dataset/stats.json").read_text())
@@ -98,7 +98,7 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     assert len(list((repo / "data/yolo/labels/train").glob("*.txt"))) == 16
 
     all_metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(all_metrics) == {"baseline", "sparse"}
+    assert set(all_metrics) == {"baseline", "sparse", "pruned"}
     metrics = all_metrics["baseline"]
     assert 0.0 <= metrics["ap50"] <= 1.0
     assert metrics["params_m"] > 1.0 and metrics["gflops"] > 0 and metrics["cpu_fps"] > 0
@@ -112,6 +112,13 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     for column in ("sparsity/coefficient", "sparsity/gamma_l1", "sparsity/near_zero"):
         assert column in sparse_header
     assert (repo / "reports/sparse_train/gamma_hist.png").stat().st_size > 1000
+
+    pruned = json.loads((repo / "reports/prune/prune.json").read_text())
+    assert pruned["params_after_m"] < pruned["params_before_m"]
+    assert all_metrics["pruned"]["params_m"] == pytest.approx(pruned["params_after_m"], abs=1e-3)
+    assert all_metrics["pruned"]["gflops"] < all_metrics["baseline"]["gflops"]
+    channels = (repo / "reports/prune/channels.csv").read_text().splitlines()
+    assert channels[0] == "layer,before,after" and len(channels) > 50
     header = (repo / "reports/baseline/results.csv").read_text().splitlines()[0]
     assert "metrics/mAP50(B)" in header
     assert "| baseline |" in (repo / "reports/summary.md").read_text()
@@ -163,6 +170,18 @@ def test_changing_a_sparse_train_param_reruns_it_and_downstream_only(
     )
     assert "Running stage 'sparse_train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'dataset'" not in out and "Running stage 'baseline'" not in out
+
+
+def test_changing_the_prune_ratio_reruns_prune_and_downstream_only(
+    tiny_repo: tuple[Path, dict],
+) -> None:
+    repo, env = tiny_repo
+    if not (repo / "dvc.lock").exists():
+        _run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "prune.ratio=0.7"], repo, env)
+    assert "Running stage 'prune'" in out and "Running stage 'evaluate'" in out
+    for upstream in ("dataset", "baseline", "sparse_train"):
+        assert f"Running stage '{upstream}'" not in out
 
 
 def test_bad_params_fail_the_stage_with_a_clear_message(tiny_repo: tuple[Path, dict]) -> None:

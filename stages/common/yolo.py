@@ -21,6 +21,7 @@ from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.nn.tasks import DetectionModel
 
+from stages.common import layers  # noqa: F401  (classes pruned checkpoints unpickle to)
 from stages.common import params as P
 from stages.common.runtime import CACHE_DIR, PROJECT_ROOT, cpu_threads
 

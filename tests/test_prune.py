@@ -1,0 +1,291 @@
+"""Channel pruning: the dependency trace, the surgery's invariants and the pruned model's life."""
+
+from __future__ import annotations
+
+import random
+from copy import deepcopy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import thop
+import torch
+from torch import nn
+from ultralytics import YOLO
+from ultralytics.nn.tasks import DetectionModel
+
+from stages.common import params as P
+from stages.common import yolo
+from stages.common.layers import C2fSplit
+from stages.prune import SCHEMA, apply, bn_gammas, detect_prefix, make_prunable, plan, trace
+from tests.test_params import _raw
+
+
+def _model(cfg: str = "yolov8n.yaml", seed: int = 0) -> DetectionModel:
+    """A random-weight detection model with random BN statistics and shifts."""
+    torch.manual_seed(seed)
+    model = DetectionModel(cfg, nc=10, verbose=False)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return make_prunable(model.eval())
+
+
+def _predictions(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        decoded, raw = model.eval()(x)
+    levels = torch.split(
+        raw["scores"], [(x.shape[2] // s) * (x.shape[3] // s) for s in (8, 16, 32)], 2
+    )
+    return {
+        "decoded": decoded,
+        "boxes": raw["boxes"],
+        **{f"scores_p{i + 3}": t for i, t in enumerate(levels)},
+    }
+
+
+def _zero_random_groups(
+    model: nn.Module, graph, fraction: float, seed: int, zero_beta: bool
+) -> set:
+    modules = dict(model.named_modules())
+    candidates = [g for g in graph.groups().values() if not any(c in graph.blocked for c in g)]
+    chosen = random.Random(seed).sample(candidates, int(fraction * len(candidates)))
+    with torch.no_grad():
+        for group in chosen:
+            for conv, i in group:
+                bn = modules[graph.bn_after[conv]]
+                bn.weight[i] = 0.0
+                if zero_beta:
+                    bn.bias[i] = 0.0
+    return {c for g in chosen for c in g}
+
+
+def test_trace_finds_yolov8_structure() -> None:
+    model = _model()
+    graph = trace(model)
+    c2f = [m for m in model.modules() if isinstance(m, C2fSplit)]
+    assert len(graph.splits) == len(c2f) == 8
+    # Residual ties: each C2f with shortcut ties cv1's second half to every bottleneck output.
+    expected = {}
+    for name, m in model.named_modules():
+        if isinstance(m, C2fSplit) and m.m[0].add:
+            expected[name] = (m.c, len(m.m) + 1)
+    tied = [g for g in graph.groups().values() if len(g) > 1]
+    assert len(tied) == sum(c for c, _ in expected.values())
+    assert sorted({len(g) for g in tied}) == sorted({n for _, n in expected.values()})
+    # The head's six output convs are the only convs without BN and are fully blocked.
+    head = detect_prefix(model)
+    no_bn = [n for n in graph.convs if n not in graph.bn_after]
+    assert len(no_bn) == 6 and all(n.startswith(head) for n in no_bn)
+    assert all((n, i) in graph.blocked for n in no_bn for i in range(graph.convs[n].out_channels))
+    assert len(graph.blocked) == sum(graph.convs[n].out_channels for n in no_bn)
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolov8s.yaml"])
+def test_pruning_zero_gamma_channels_leaves_the_output_unchanged(cfg: str) -> None:
+    """The invariant: channels with gamma = beta = 0 emit exactly 0, so removing them is exact."""
+    model = _model(cfg)
+    graph = trace(model)
+    removed = _zero_random_groups(model, graph, 0.4, seed=1, zero_beta=True)
+    x = torch.rand(2, 3, 96, 128)
+    before = _predictions(model, x)
+    params_before = sum(p.numel() for p in model.parameters())
+    apply(model, graph, removed, torch.rand(2, 3, 64, 64))
+    assert sum(p.numel() for p in model.parameters()) < 0.75 * params_before
+    after = _predictions(model, x)
+    for key, ref in before.items():
+        torch.testing.assert_close(after[key], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_removed_constants_are_folded_into_1x1_consumers_exactly() -> None:
+    """gamma = 0 but beta != 0: the channel emits act(beta); folding keeps a 1x1 consumer exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.SiLU(),
+        nn.Conv2d(8, 8, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.SiLU(),
+        nn.Conv2d(8, 4, 1),
+    ).eval()
+    with torch.no_grad():
+        net[1].weight[[1, 4, 6]] = 0.0
+        net[1].bias.uniform_(-1, 1)
+        net[4].running_mean.uniform_(-1, 1)
+    graph = trace(net, imgsz=16)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+    apply(net, graph, {("0", 1), ("0", 4), ("0", 6)}, x)
+    assert net[3].in_channels == 5 and net[1].num_features == 5
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_folding_into_a_padded_3x3_consumer_is_exact_inside_the_border() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 4, 3, padding=1)
+    ).eval()
+    with torch.no_grad():
+        net[1].weight[[2, 5]] = 0.0
+        net[1].bias.uniform_(-1, 1)
+    graph = trace(net, imgsz=16)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+    apply(net, graph, {("0", 2), ("0", 5)}, x)
+    with torch.no_grad():
+        out = net(x)
+    torch.testing.assert_close(out[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+    assert (out - ref).abs().max() > 1e-3  # the documented border effect of zero padding
+
+
+def test_plan_respects_min_channels_round_to_and_caps() -> None:
+    model = _model()
+    graph = trace(model)
+    gammas = bn_gammas(model)
+    result = plan(graph, gammas, 0.99, "global", min_channels=8, round_to=8)
+    assert any(s.capped for s in result.spaces)  # 0.99 would empty layers: capped and reported
+    for space in result.spaces:
+        size = space.fixed + len(space.groups)
+        assert space.kept >= min(8, size)
+        assert space.kept % 8 == 0 or space.kept == size
+    apply(model, graph, result.removed, torch.rand(1, 3, 64, 64))
+    _predictions(model, torch.rand(1, 3, 64, 64))  # still runs
+
+
+def test_uniform_prunes_each_space_by_the_ratio() -> None:
+    model = _model()
+    graph = trace(model)
+    result = plan(graph, bn_gammas(model), 0.5, "uniform", min_channels=1, round_to=1)
+    for space in result.spaces:
+        if space.groups:
+            size = space.fixed + len(space.groups)
+            assert space.kept == size - int(0.5 * len(space.groups))
+
+
+@pytest.mark.parametrize("method", ["uniform", "global"])
+def test_equal_gammas_never_empty_a_split_half(method: str) -> None:
+    """A fresh model has every gamma = 1: ties in the ranking must not starve a C2f branch."""
+    model = make_prunable(DetectionModel("yolov8n.yaml", nc=10, verbose=False).eval())
+    graph = trace(model)
+    result = plan(graph, bn_gammas(model), 0.7, method, min_channels=8, round_to=8)
+    apply(model, graph, result.removed, torch.rand(1, 3, 64, 64))
+    for module in model.modules():
+        if isinstance(module, C2fSplit):
+            assert min(module.split_sizes) >= 8
+    assert all(m.in_channels > 0 for m in model.modules() if isinstance(m, nn.Conv2d))
+    _predictions(model, torch.rand(1, 3, 64, 64))
+
+
+def test_global_removes_the_smallest_gammas() -> None:
+    model = _model()
+    graph = trace(model)
+    modules = dict(model.named_modules())
+    removed = _zero_random_groups(model, graph, 0.3, seed=2, zero_beta=False)
+    share = len(removed) / sum(
+        1 for g in graph.groups().values() if not any(c in graph.blocked for c in g) for _ in g
+    )
+    result = plan(graph, bn_gammas(model), share * 0.9, "global", min_channels=1, round_to=1)
+    assert result.removed <= removed  # only zero-gamma channels are chosen
+    assert all(float(modules[graph.bn_after[c]].weight[i].detach()) == 0 for c, i in result.removed)
+
+
+def _train_step(model: nn.Module) -> None:
+    """One real optimizer step with the model's own detection loss."""
+    from ultralytics.cfg import get_cfg
+
+    model.args = get_cfg(overrides={})
+    model.criterion = None
+    model.train()
+    batch = {
+        "img": torch.rand(2, 3, 64, 64),
+        "cls": torch.tensor([[1.0], [3.0]]),
+        "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.2]]),
+        "batch_idx": torch.tensor([0.0, 1.0]),
+    }
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss, _ = model.loss(batch)
+    loss.sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolov8m.yaml"])
+def test_pruned_model_runs_loads_trains_and_exports(cfg: str, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    model = _model(cfg)
+    graph = trace(model)
+    result = plan(graph, bn_gammas(model), 0.5, "global", min_channels=8, round_to=8)
+    apply(model, graph, result.removed, torch.rand(2, 3, 64, 64))
+    count = sum(p.numel() for p in model.parameters())
+    for size in (64, 96):
+        _predictions(model, torch.rand(1, 3, size, size))
+
+    path = tmp_path / "pruned.pt"
+    torch.save({"model": deepcopy(model).half(), "train_args": {"imgsz": 64}}, path)
+    loaded = yolo.load_detector(path)
+    assert sum(p.numel() for p in loaded.model.parameters()) == count
+
+    trained = deepcopy(loaded.model)
+    before = [p.detach().clone() for p in trained.parameters()]
+    _train_step(trained)
+    assert sum(p.numel() for p in trained.parameters()) == count  # structure kept
+    assert any(not torch.equal(a, b) for a, b in zip(before, trained.parameters(), strict=True))
+
+    onnx = Path(loaded.export(format="onnx", imgsz=64, simplify=False, dynamic=False))
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x})
+    with torch.no_grad():
+        torch_out = loaded.model.float().eval()(torch.from_numpy(x))[0]
+    np.testing.assert_allclose(onnx_out, torch_out.numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_yolov8m_matches_the_papers_parameter_count() -> None:
+    """The paper's 25.85M for YOLOv8m with 10 classes is the fused count."""
+    model = DetectionModel("yolov8m.yaml", nc=10, verbose=False)
+    assert sum(p.numel() for p in model.parameters()) == 25_862_110
+    size = yolo.model_size(model, 640)
+    assert size["params"] == 25_845_550
+    # ultralytics' 79.1 GFLOPs counts the BatchNorms too; folded into the convs it is 78.7.
+    assert size["flops_g"] == pytest.approx(78.7, abs=0.1)
+    macs, _ = thop.profile(
+        deepcopy(model).eval(), inputs=(torch.zeros(1, 3, 640, 640),), verbose=False
+    )
+    assert 2 * macs / 1e9 == pytest.approx(79.1, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("ratio", 1.0, "prune.ratio = 1.0 is invalid: expected a number in (0, 1)"),
+        ("ratio", 0.0, "prune.ratio = 0.0 is invalid"),
+        ("method", "random", "prune.method = 'random' is invalid"),
+        ("round_to", 0, "prune.round_to = 0 is invalid"),
+    ],
+)
+def test_bad_params_name_the_key(key: str, value: object, message: str) -> None:
+    raw = _raw()
+    raw["prune"][key] = value
+    with pytest.raises(P.ParamsError) as err:
+        P.validate(SCHEMA, raw)
+    assert message in str(err.value)
+
+
+def test_a_checkpoint_that_is_not_a_detector_is_refused(tmp_path: Path) -> None:
+    cls = YOLO("yolov8n-cls.yaml")
+    path = tmp_path / "cls.pt"
+    torch.save({"model": cls.model, "train_args": {}}, path)
+    with pytest.raises(ValueError, match="not a YOLOv8 detection model"):
+        yolo.load_detector(path)
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": torch.zeros(3)}, junk)
+    with pytest.raises(ValueError, match="is not an ultralytics checkpoint"):
+        yolo.load_detector(junk)
