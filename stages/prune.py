@@ -34,16 +34,14 @@ from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 from torch import nn
-from ultralytics.data.augment import LetterBox
 from ultralytics.nn.modules import C2f, Detect
 from ultralytics.nn.tasks import DetectionModel
 
 from stages.common import params as P
 from stages.common import yolo
+from stages.common.images import calibration_batch
 from stages.common.layers import C2fSplit
 from stages.common.outputs import atomic_path, print_summary, save_figure, write_csv, write_json
 from stages.common.runtime import PROJECT_ROOT
@@ -441,22 +439,6 @@ def apply(
 
 
 # --- the stage ---------------------------------------------------------------------------------
-
-
-def calibration_batch(folder: Path, count: int, imgsz: int) -> torch.Tensor:
-    """The first ``count`` val images, letterboxed to imgsz, as a float batch in [0, 1]."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if not files:
-        raise FileNotFoundError(f"no images in {folder}: run `dvc repro dataset` first.")
-    letterbox = LetterBox(new_shape=(imgsz, imgsz), auto=False)
-    images = []
-    for path in files[:count]:
-        image = cv2.imread(str(path))
-        if image is None:
-            raise ValueError(f"{path}: unreadable image")
-        image = letterbox(image=image)[:, :, ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
-        images.append(torch.from_numpy(np.ascontiguousarray(image)).float() / 255)
-    return torch.stack(images)
 
 
 def bn_gammas(model: nn.Module) -> dict[str, torch.Tensor]:

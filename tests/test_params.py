@@ -13,7 +13,15 @@ import yaml
 from stages.common import params as P
 from tests.conftest import PROJECT_ROOT
 
-STAGE_MODULES = ("dataset", "baseline", "sparse_train", "prune", "evaluate")
+STAGE_MODULES = (
+    "dataset",
+    "baseline",
+    "sparse_train",
+    "prune",
+    "distill",
+    "trt_build",
+    "evaluate",
+)
 
 
 def _schema(stage: str) -> dict:
@@ -22,6 +30,15 @@ def _schema(stage: str) -> dict:
 
 def _raw() -> dict:
     return yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+
+
+def expect_param_error(schema: dict, section: str, key: str, value: object, message: str) -> None:
+    """params.yaml with ``section.key = value`` must fail validation with ``message``."""
+    raw = _raw()
+    raw[section][key] = value
+    with pytest.raises(P.ParamsError) as err:
+        P.validate(schema, raw)
+    assert message in str(err.value)
 
 
 @pytest.mark.parametrize("stage", STAGE_MODULES)

@@ -16,6 +16,8 @@ from tests.conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
+STAGES = ("dataset", "baseline", "sparse_train", "prune", "distill", "trt_build", "evaluate")
+
 TINY = {
     "imgsz": 64,
     "dataset": {
@@ -29,6 +31,7 @@ TINY = {
     },
     "baseline": {"epochs": 1, "batch": 8, "nbs": 8, "warmup_epochs": 0.0},
     "sparse_train": {"epochs": 1, "batch": 8, "nbs": 8},
+    "distill": {"epochs": 1, "batch": 8, "nbs": 8},
     "evaluate": {"latency_warmup": 1, "latency_repeats": 3},
 }
 
@@ -90,7 +93,7 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict]) -> None:
     repo, env = tiny_repo
     out = _run([sys.executable, "-m", "dvc", "repro"], repo, env)
-    for stage in ("dataset", "baseline", "sparse_train", "prune", "evaluate"):
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in out
 
     stats = json.loads((repo / "reports/dataset/stats.json").read_text())
@@ -98,7 +101,7 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     assert len(list((repo / "data/yolo/labels/train").glob("*.txt"))) == 16
 
     all_metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(all_metrics) == {"baseline", "sparse", "pruned"}
+    assert set(all_metrics) == {"baseline", "sparse", "pruned", "distilled", "deployed"}
     metrics = all_metrics["baseline"]
     assert 0.0 <= metrics["ap50"] <= 1.0
     assert metrics["params_m"] > 1.0 and metrics["gflops"] > 0 and metrics["cpu_fps"] > 0
@@ -117,6 +120,15 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     assert pruned["params_after_m"] < pruned["params_before_m"]
     assert all_metrics["pruned"]["params_m"] == pytest.approx(pruned["params_after_m"], abs=1e-3)
     assert all_metrics["pruned"]["gflops"] < all_metrics["baseline"]["gflops"]
+    # Distillation kept the pruned structure and logged its CWD term.
+    assert all_metrics["distilled"]["params_m"] == all_metrics["pruned"]["params_m"]
+    distill_header = (repo / "reports/distill/results.csv").read_text().splitlines()[0]
+    assert "train/cwd_loss" in distill_header and "val/cwd_loss" in distill_header
+    # Without a GPU the ONNX model is deployed, and the record says why there is no engine.
+    record = json.loads((repo / "reports/trt_build/deploy.json").read_text())
+    assert record["backend"] == "onnxruntime" and record["no_engine_because"]
+    assert (repo / "models/deploy/model.onnx").stat().st_size > 100_000
+    assert abs(all_metrics["deployed"]["ap50"] - all_metrics["distilled"]["ap50"]) <= 0.01
     channels = (repo / "reports/prune/channels.csv").read_text().splitlines()
     assert channels[0] == "layer,before,after" and len(channels) > 50
     header = (repo / "reports/baseline/results.csv").read_text().splitlines()[0]
@@ -145,43 +157,24 @@ def test_second_repro_is_a_no_op(tiny_repo: tuple[Path, dict]) -> None:
     assert "up to date" in status
 
 
-def test_changing_evaluate_params_reruns_only_evaluate(tiny_repo: tuple[Path, dict]) -> None:
-    repo, env = tiny_repo
-    if not (repo / "dvc.lock").exists():
-        _run([sys.executable, "-m", "dvc", "repro"], repo, env)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["evaluate"]["latency_repeats"] += 1
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = _run([sys.executable, "-m", "dvc", "repro"], repo, env)
-    assert "Running stage 'evaluate'" in out
-    assert "Running stage 'dataset'" not in out and "Running stage 'baseline'" not in out
-
-
-def test_changing_a_sparse_train_param_reruns_it_and_downstream_only(
-    tiny_repo: tuple[Path, dict],
+@pytest.mark.parametrize(
+    ("override", "first_stale"),
+    [
+        ("evaluate.latency_repeats=4", "evaluate"),
+        ("distill.temperature=2.0", "distill"),
+        ("prune.ratio=0.7", "prune"),
+        ("sparse_train.coefficient=0.02", "sparse_train"),
+    ],
+)
+def test_changing_one_param_reruns_exactly_its_stage_and_downstream(
+    tiny_repo: tuple[Path, dict], override: str, first_stale: str
 ) -> None:
     repo, env = tiny_repo
     if not (repo / "dvc.lock").exists():
         _run([sys.executable, "-m", "dvc", "repro"], repo, env)
-    out = _run(
-        [sys.executable, "-m", "dvc", "exp", "run", "-S", "sparse_train.coefficient=0.02"],
-        repo,
-        env,
-    )
-    assert "Running stage 'sparse_train'" in out and "Running stage 'evaluate'" in out
-    assert "Running stage 'dataset'" not in out and "Running stage 'baseline'" not in out
-
-
-def test_changing_the_prune_ratio_reruns_prune_and_downstream_only(
-    tiny_repo: tuple[Path, dict],
-) -> None:
-    repo, env = tiny_repo
-    if not (repo / "dvc.lock").exists():
-        _run([sys.executable, "-m", "dvc", "repro"], repo, env)
-    out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "prune.ratio=0.7"], repo, env)
-    assert "Running stage 'prune'" in out and "Running stage 'evaluate'" in out
-    for upstream in ("dataset", "baseline", "sparse_train"):
-        assert f"Running stage '{upstream}'" not in out
+    out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", override], repo, env)
+    ran = [s for s in STAGES if f"Running stage '{s}'" in out]
+    assert ran == list(STAGES[STAGES.index(first_stale) :])
 
 
 def test_bad_params_fail_the_stage_with_a_clear_message(tiny_repo: tuple[Path, dict]) -> None:

@@ -14,11 +14,10 @@ from torch import nn
 from ultralytics import YOLO
 from ultralytics.nn.tasks import DetectionModel
 
-from stages.common import params as P
 from stages.common import yolo
 from stages.common.layers import C2fSplit
 from stages.prune import SCHEMA, apply, bn_gammas, detect_prefix, make_prunable, plan, trace
-from tests.test_params import _raw
+from tests.test_params import expect_param_error
 
 
 def _model(cfg: str = "yolov8n.yaml", seed: int = 0) -> DetectionModel:
@@ -272,11 +271,7 @@ def test_yolov8m_matches_the_papers_parameter_count() -> None:
     ],
 )
 def test_bad_params_name_the_key(key: str, value: object, message: str) -> None:
-    raw = _raw()
-    raw["prune"][key] = value
-    with pytest.raises(P.ParamsError) as err:
-        P.validate(SCHEMA, raw)
-    assert message in str(err.value)
+    expect_param_error(SCHEMA, "prune", key, value, message)
 
 
 def test_a_checkpoint_that_is_not_a_detector_is_refused(tmp_path: Path) -> None:

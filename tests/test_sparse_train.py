@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from stages.common import params as P
 from stages.sparse_train import (
     SCHEMA,
     PenaltySchedule,
@@ -18,7 +17,7 @@ from stages.sparse_train import (
     penalized_batchnorms,
     sparsity_stats,
 )
-from tests.test_params import _raw
+from tests.test_params import expect_param_error
 
 
 def _net(seed: int = 0, width: int = 16) -> nn.Sequential:
@@ -161,8 +160,4 @@ def test_dynamic_drives_a_small_model_toward_its_target() -> None:
     ],
 )
 def test_bad_params_name_the_key(key: str, value: object, message: str) -> None:
-    raw = _raw()
-    raw["sparse_train"][key] = value
-    with pytest.raises(P.ParamsError) as err:
-        P.validate(SCHEMA, raw)
-    assert message in str(err.value)
+    expect_param_error(SCHEMA, "sparse_train", key, value, message)

@@ -153,6 +153,23 @@ class StrList:
 
 
 @dataclass(frozen=True)
+class FloatList:
+    """A list of ``length`` numbers, each >= 0."""
+
+    length: int
+
+    def describe(self) -> str:
+        return f"a list of {self.length} numbers >= 0"
+
+    def check(self, key: str, value: Any) -> list[float]:
+        ok = isinstance(value, list) and len(value) == self.length
+        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        if not ok or any(v < 0 for v in value):
+            raise _fail(key, value, self.describe())
+        return [float(v) for v in value]
+
+
+@dataclass(frozen=True)
 class Bool:
     """true or false."""
 

@@ -155,10 +155,16 @@ def train(
 
 
 def validate(model: YOLO, run_name: str, **args: Any) -> Any:
-    """ultralytics validation on the val split; returns its DetMetrics."""
+    """ultralytics validation on the val split; returns its DetMetrics.
+
+    ``rect=False``: every backend sees the same square imgsz x imgsz letterbox. ultralytics'
+    default rectangular batches pad val images by half a stride (256 -> 288), which exported
+    static-shape models cannot do, so their AP50 would not be comparable.
+    """
     return model.val(
         data=str(check_dataset()),
         split="val",
+        rect=False,
         project=str(RUNS_DIR),
         name=run_name,
         exist_ok=True,

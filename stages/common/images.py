@@ -1,0 +1,26 @@
+"""Loading val/train images as model input, the way ultralytics preprocesses them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from ultralytics.data.augment import LetterBox
+
+
+def calibration_batch(folder: Path, count: int, imgsz: int) -> torch.Tensor:
+    """The first ``count`` images of ``folder`` (by name), letterboxed to imgsz, in [0, 1]."""
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not files:
+        raise FileNotFoundError(f"no images in {folder}: run `dvc repro dataset` first.")
+    letterbox = LetterBox(new_shape=(imgsz, imgsz), auto=False)
+    images = []
+    for path in files[:count]:
+        image = cv2.imread(str(path))
+        if image is None:
+            raise ValueError(f"{path}: unreadable image")
+        image = letterbox(image=image)[:, :, ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
+        images.append(torch.from_numpy(np.ascontiguousarray(image)).float() / 255)
+    return torch.stack(images)

@@ -1,0 +1,246 @@
+"""Stage `distill`: fine-tune the pruned student with Channel-Wise Knowledge Distillation.
+
+CWD (Shu et al., ICCV 2021): for each distilled level, the student's feature map goes through a
+learned aligner (1x1 conv + BN) to the teacher's channel count; every channel of both maps becomes
+a distribution over its H*W positions by softmax(x / tau); the loss is KL(teacher || student)
+summed over positions, times tau^2, averaged over N*C, and weighted per level. The total training
+loss is the detection loss plus ``weight`` * sum_l level_weight_l * CWD_l.
+
+The distilled maps are the inputs of the Detect head (the neck outputs at strides 8, 16, 32);
+level weights favour strides 8 and 16, where VisDrone's small and medium objects are. The teacher
+(baseline or sparse model) runs in eval mode without gradients; the aligners train with the student
+(they are in the optimizer) and are not saved: the saved model is the pruned student alone, with
+exactly its pruned size. ``weight: 0`` is plain fine-tuning with the same budget (the ablation).
+
+Reads: models/pruned.pt, the teacher, data/yolo. Writes: models/distilled.pt,
+reports/distill/results.csv (per-epoch losses incl. cwd_loss, val metrics), distill.json.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from ultralytics.utils.torch_utils import unwrap_model
+
+from stages.common import params as P
+from stages.common import yolo
+from stages.common.outputs import atomic_path, print_summary, write_json
+from stages.common.runtime import PROJECT_ROOT
+
+STUDENT = PROJECT_ROOT / "models" / "pruned.pt"
+TEACHERS = {name: PROJECT_ROOT / "models" / f"{name}.pt" for name in ("baseline", "sparse")}
+MODEL_OUT = PROJECT_ROOT / "models" / "distilled.pt"
+REPORT_DIR = PROJECT_ROOT / "reports" / "distill"
+
+SCHEMA = {
+    **P.COMMON,
+    "distill": P.Section(
+        {
+            **yolo.TRAINING,
+            "teacher": P.Choice(*TEACHERS),
+            "temperature": P.Float(0, 100, open_lo=True),
+            "weight": P.Float(0, 1000),
+            "level_weights": P.FloatList(3),
+        }
+    ),
+}
+
+
+# --- the algorithm -----------------------------------------------------------------------------
+
+
+def cwd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
+    """Channel-wise distillation loss of two N x C x H x W maps (the student already aligned).
+
+    tau^2 / (N*C) * sum over n, c of KL(softmax(t_nc / tau) || softmax(s_nc / tau)), each softmax
+    over the H*W positions of one channel.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student map {tuple(student.shape)} != teacher map {tuple(teacher.shape)}"
+        )
+    n, c = student.shape[:2]
+    log_p_s = F.log_softmax(student.reshape(n * c, -1).float() / tau, dim=1)
+    log_p_t = F.log_softmax(teacher.reshape(n * c, -1).float() / tau, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+    return kl * tau**2 / (n * c)
+
+
+def make_aligners(
+    student_channels: Sequence[int], teacher_channels: Sequence[int]
+) -> nn.ModuleList:
+    """One 1x1 conv + BN per level, from the student's to the teacher's channel count."""
+    return nn.ModuleList(
+        nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
+        for cs, ct in zip(student_channels, teacher_channels, strict=True)
+    )
+
+
+def head_features(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The maps the Detect head receives: ultralytics returns them as preds["feats"]."""
+    out = model(images)
+    raw = out[1] if isinstance(out, tuple) else out
+    return list(raw["feats"])
+
+
+# --- ultralytics glue --------------------------------------------------------------------------
+
+
+class CWDCriterion:
+    """The detection loss plus the weighted CWD term, logged as its own loss item `cwd_loss`."""
+
+    def __init__(
+        self,
+        detection: Any,
+        teacher: nn.Module,
+        aligners: nn.ModuleList,
+        tau: float,
+        weight: float,
+        level_weights: Sequence[float],
+    ) -> None:
+        self.detection, self.teacher, self.aligners = detection, teacher, aligners
+        self.tau, self.weight, self.level_weights = tau, weight, list(level_weights)
+
+    def __call__(self, preds: Any, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, items = self.detection(preds, batch)
+        raw = preds[1] if isinstance(preds, tuple) else preds
+        with torch.no_grad():
+            teacher_maps = head_features(self.teacher, batch["img"])
+        cwd = sum(
+            w * cwd_loss(align(s), t, self.tau)
+            for w, align, s, t in zip(
+                self.level_weights, self.aligners, raw["feats"], teacher_maps, strict=True
+            )
+        )
+        weighted = self.weight * cwd
+        batch_size = batch["img"].shape[0]  # ultralytics' detection loss is summed over the batch
+        total = torch.cat([loss, (weighted * batch_size).reshape(1).to(loss.dtype)])
+        return total, {**items, "cwd_loss": weighted.detach()}
+
+
+class DistillTrainer(yolo.ModelKeepingTrainer):
+    """Fine-tunes the student with the CWD criterion; the stage sets the class attributes."""
+
+    teacher: nn.Module
+    tau: float = 1.0
+    weight: float = 1.0
+    level_weights: Sequence[float] = (1.0, 1.0, 1.0)
+
+    def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """ultralytics' optimizer for the student, plus a parameter group for the aligners."""
+        self.teacher = self.teacher.to(self.device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        probe = torch.zeros(1, 3, self.args.imgsz, self.args.imgsz, device=self.device)
+        student = unwrap_model(model)
+        was_training = student.training
+        with torch.no_grad():
+            s_maps = head_features(student.eval(), probe)
+            t_maps = head_features(self.teacher, probe)
+        student.train(was_training)
+        check_levels(s_maps, t_maps)
+        self.aligners = make_aligners([m.shape[1] for m in s_maps], [m.shape[1] for m in t_maps])
+        self.aligners.to(self.device)
+        optimizer = super().build_optimizer(model, *args, **kwargs)
+        optimizer.add_param_group({"params": list(self.aligners.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def _criterion(self, model: nn.Module) -> CWDCriterion:
+        return CWDCriterion(
+            model.init_criterion(),
+            self.teacher,
+            self.aligners,
+            self.tau,
+            self.weight,
+            self.level_weights,
+        )
+
+    def _setup_train(self) -> None:
+        super()._setup_train()
+        unwrap_model(self.model).criterion = self._criterion(unwrap_model(self.model))
+
+    def validate(self) -> tuple[dict[str, Any], Any]:
+        """Validation computes the same loss items, cwd_loss included, on the EMA model."""
+        ema = self.ema.ema
+        ema.criterion = self._criterion(ema)
+        try:
+            return super().validate()
+        finally:
+            ema.criterion = None  # never saved with the model
+
+
+def check_levels(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> None:
+    """Student and teacher must give the same number of maps at the same strides."""
+    if len(student) != len(teacher) or any(
+        s.shape[2:] != t.shape[2:] for s, t in zip(student, teacher, strict=False)
+    ):
+        raise ValueError(
+            f"teacher feature maps {[tuple(t.shape[1:]) for t in teacher]} do not match the "
+            f"student's {[tuple(s.shape[1:]) for s in student]}: the teacher must be a YOLOv8 "
+            f"detector with the same detection levels (strides) as the student."
+        )
+
+
+def main() -> None:
+    params = P.load(SCHEMA)
+    cfg = params["distill"]
+    args = yolo.training_args(params, cfg)
+    student = yolo.load_detector(STUDENT)
+    teacher = yolo.load_detector(TEACHERS[cfg["teacher"]])
+    probe = torch.zeros(1, 3, params["imgsz"], params["imgsz"])
+    with torch.no_grad():  # fail before training on mismatched levels
+        check_levels(
+            head_features(student.model.eval(), probe), head_features(teacher.model.eval(), probe)
+        )
+    student_params = sum(p.numel() for p in student.model.parameters())
+
+    DistillTrainer.teacher = teacher.model.float()
+    DistillTrainer.tau = cfg["temperature"]
+    DistillTrainer.weight = cfg["weight"]
+    DistillTrainer.level_weights = cfg["level_weights"]
+    run_dir = yolo.train(student, "distill", trainer=DistillTrainer, **args)
+
+    with atomic_path(MODEL_OUT) as tmp:
+        shutil.copyfile(run_dir / "weights" / "last.pt", tmp)
+    with atomic_path(REPORT_DIR / "results.csv") as tmp:
+        shutil.copyfile(run_dir / "results.csv", tmp)
+    distilled = yolo.load_detector(MODEL_OUT)
+    saved_params = sum(p.numel() for p in distilled.model.parameters())
+    if saved_params != student_params:
+        raise RuntimeError(
+            f"the distilled model has {saved_params} params, the pruned student "
+            f"{student_params}: the pruned structure was not kept"
+        )
+    ap50 = float(
+        yolo.validate(
+            distilled, "distill-end", imgsz=params["imgsz"], device=params["device"]
+        ).box.map50
+    )
+    metrics = {
+        "ap50": round(ap50, 4),
+        "params_m": round(saved_params / 1e6, 4),
+        "teacher": cfg["teacher"],
+        "weight": cfg["weight"],
+        "temperature": cfg["temperature"],
+    }
+    write_json(REPORT_DIR / "distill.json", metrics)
+    print_summary(
+        f"distill (teacher {cfg['teacher']}, weight {cfg['weight']:g}, tau {cfg['temperature']:g})",
+        [
+            ("student params", f"{saved_params / 1e6:.3f} M unfused, as pruned (structure kept)"),
+            ("val AP50", f"{ap50:.3f}"),
+            (
+                "written",
+                f"{MODEL_OUT.relative_to(PROJECT_ROOT)}, {REPORT_DIR.relative_to(PROJECT_ROOT)}/",
+            ),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
