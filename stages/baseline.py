@@ -7,13 +7,11 @@ losses and val metrics, a DVC plot).
 
 from __future__ import annotations
 
-import shutil
-
 from ultralytics.models.yolo.detect import DetectionTrainer
 
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.outputs import atomic_path, print_summary
+from stages.common.outputs import print_summary
 from stages.common.runtime import PROJECT_ROOT
 
 MODEL_OUT = PROJECT_ROOT / "models" / "baseline.pt"
@@ -31,16 +29,15 @@ def main() -> None:
 
     model = yolo.YOLO(source, task="detect")
     # The stock trainer: it rebuilds the head for the dataset's classes when fine-tuning a .pt.
-    run_dir = yolo.train(
-        model, "baseline", trainer=DetectionTrainer, pretrained=source.endswith(".pt"), **args
+    final = yolo.train(
+        model,
+        "baseline",
+        MODEL_OUT,
+        RESULTS_OUT,
+        trainer=DetectionTrainer,
+        pretrained=source.endswith(".pt"),
+        **args,
     )
-
-    with atomic_path(MODEL_OUT) as tmp:
-        shutil.copyfile(run_dir / "weights" / "last.pt", tmp)
-    with atomic_path(RESULTS_OUT) as tmp:
-        shutil.copyfile(run_dir / "results.csv", tmp)
-
-    final = yolo.load_detector(MODEL_OUT)
     size = yolo.model_size(final.model, params["imgsz"])
     print_summary(
         "baseline",

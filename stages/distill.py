@@ -18,7 +18,6 @@ reports/distill/results.csv (per-epoch losses incl. cwd_loss, val metrics), dist
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.outputs import atomic_path, print_summary, write_json
+from stages.common.outputs import print_summary, write_json
 from stages.common.runtime import PROJECT_ROOT
 
 STUDENT = PROJECT_ROOT / "models" / "pruned.pt"
@@ -203,13 +202,9 @@ def main() -> None:
     DistillTrainer.tau = cfg["temperature"]
     DistillTrainer.weight = cfg["weight"]
     DistillTrainer.level_weights = cfg["level_weights"]
-    run_dir = yolo.train(student, "distill", trainer=DistillTrainer, **args)
-
-    with atomic_path(MODEL_OUT) as tmp:
-        shutil.copyfile(run_dir / "weights" / "last.pt", tmp)
-    with atomic_path(REPORT_DIR / "results.csv") as tmp:
-        shutil.copyfile(run_dir / "results.csv", tmp)
-    distilled = yolo.load_detector(MODEL_OUT)
+    distilled = yolo.train(
+        student, "distill", MODEL_OUT, REPORT_DIR / "results.csv", trainer=DistillTrainer, **args
+    )
     saved_params = sum(p.numel() for p in distilled.model.parameters())
     if saved_params != student_params:
         raise RuntimeError(

@@ -26,7 +26,6 @@ near-zero fraction), reports/sparse_train/sparsity.json (metrics), gamma_hist.pn
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +37,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.outputs import atomic_path, print_summary, save_figure, write_json
+from stages.common.outputs import print_summary, save_figure, write_json
 from stages.common.runtime import PROJECT_ROOT
 
 BASELINE = PROJECT_ROOT / "models" / "baseline.pt"
@@ -242,14 +241,9 @@ def main() -> None:
     SparseTrainer.near_zero = cfg["near_zero"]
     SparseTrainer.exclude = tuple(cfg["exclude"])
     SparseTrainer.ap50_start = ap50_before
-    run_dir = yolo.train(model, "sparse_train", trainer=SparseTrainer, **args)
-
-    with atomic_path(MODEL_OUT) as tmp:
-        shutil.copyfile(run_dir / "weights" / "last.pt", tmp)
-    with atomic_path(REPORT_DIR / "results.csv") as tmp:
-        shutil.copyfile(run_dir / "results.csv", tmp)
-
-    sparse = yolo.load_detector(MODEL_OUT)
+    sparse = yolo.train(
+        model, "sparse_train", MODEL_OUT, REPORT_DIR / "results.csv", trainer=SparseTrainer, **args
+    )
     gammas_after = gamma_magnitudes(penalized_batchnorms(sparse.model, cfg["exclude"]))
     ap50_after = float(
         yolo.validate(

@@ -23,6 +23,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 from stages.common import layers  # noqa: F401  (classes pruned checkpoints unpickle to)
 from stages.common import params as P
+from stages.common.outputs import atomic_path
 from stages.common.runtime import CACHE_DIR, PROJECT_ROOT, cpu_threads
 
 RUNS_DIR = CACHE_DIR / "runs"
@@ -132,11 +133,18 @@ def training_args(params: dict, section: dict) -> dict:
 
 
 def train(
-    model: YOLO, run_name: str, trainer: type[DetectionTrainer] = ModelKeepingTrainer, **args: Any
-) -> Path:
-    """Train with ultralytics in .cache/runs/<run_name>; returns the run folder.
+    model: YOLO,
+    run_name: str,
+    model_out: Path,
+    results_out: Path,
+    trainer: type[DetectionTrainer] = ModelKeepingTrainer,
+    **args: Any,
+) -> YOLO:
+    """Train in .cache/runs/<run_name>, publish the last checkpoint and results.csv, reload it.
 
-    The run folder is wiped first so that a resumed or repeated stage never mixes two runs.
+    The run folder is wiped first so that a repeated stage never mixes two runs; the outputs are
+    written atomically. The last epoch's EMA weights are kept (not "best"): every stage then
+    trains for exactly its budget, which keeps comparisons between stages fair.
     """
     run_dir = RUNS_DIR / run_name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -151,7 +159,11 @@ def train(
         verbose=True,
         **args,
     )
-    return run_dir
+    with atomic_path(model_out) as tmp:
+        shutil.copyfile(run_dir / "weights" / "last.pt", tmp)
+    with atomic_path(results_out) as tmp:
+        shutil.copyfile(run_dir / "results.csv", tmp)
+    return load_detector(model_out)
 
 
 def validate(model: YOLO, run_name: str, **args: Any) -> Any:
