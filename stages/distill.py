@@ -12,6 +12,10 @@ level weights favour strides 8 and 16, where VisDrone's small and medium objects
 (they are in the optimizer) and are not saved: the saved model is the pruned student alone, with
 exactly its pruned size. ``weight: 0`` is plain fine-tuning with the same budget (the ablation).
 
+Each aligner starts as the least-squares linear map from the student's to the teacher's map on
+``aligner_fit_images`` training images (0: the usual random init): with a random aligner the
+first CWD gradients pull the student's features toward a random projection of the teacher's.
+
 Reads: models/pruned.pt, the teacher, data/yolo. Writes: models/distilled.pt,
 reports/distill/results.csv (per-epoch losses incl. cwd_loss, val metrics), distill.json.
 """
@@ -28,6 +32,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from stages.common import params as P
 from stages.common import yolo
+from stages.common.images import TRAIN_IMAGES, calibration_batch
 from stages.common.outputs import print_summary, write_json
 from stages.common.runtime import PROJECT_ROOT
 
@@ -45,6 +50,7 @@ SCHEMA = {
             "temperature": P.Float(0, 100, open_lo=True),
             "weight": P.Float(0, 1000),
             "level_weights": P.FloatList(3),
+            "aligner_fit_images": P.Int(0, 10_000),
         }
     ),
 }
@@ -78,6 +84,27 @@ def make_aligners(
         nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
         for cs, ct in zip(student_channels, teacher_channels, strict=True)
     )
+
+
+def fit_aligner(aligner: nn.Sequential, student: torch.Tensor, teacher: torch.Tensor) -> None:
+    """Set a 1x1 conv + BN aligner to the least-squares map from student to teacher channels.
+
+    Over every position of the N x C x H x W maps, W minimises |W (s - mean s) - (t - mean t)|^2;
+    the BN then passes W s through with its own statistics and adds mean t, so the aligner outputs
+    W (s - mean s) + mean t, in train mode on this batch and in eval mode alike.
+    """
+    conv, bn = aligner
+    s = student.permute(0, 2, 3, 1).reshape(-1, student.shape[1]).double()
+    t = teacher.permute(0, 2, 3, 1).reshape(-1, teacher.shape[1]).double()
+    w = torch.linalg.lstsq(s - s.mean(0), t - t.mean(0)).solution  # C_s x C_t
+    y = s @ w
+    var = y.var(0, unbiased=False)
+    with torch.no_grad():
+        conv.weight.copy_(w.T.reshape(conv.weight.shape))
+        bn.running_mean.copy_(y.mean(0))
+        bn.running_var.copy_(var)
+        bn.weight.copy_((var + bn.eps).sqrt())
+        bn.bias.copy_(t.mean(0))
 
 
 def head_features(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
@@ -129,21 +156,27 @@ class DistillTrainer(yolo.ModelKeepingTrainer):
     tau: float = 1.0
     weight: float = 1.0
     level_weights: Sequence[float] = (1.0, 1.0, 1.0)
+    aligner_images: torch.Tensor | None = None  # images to fit the aligners on; None: random init
 
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """ultralytics' optimizer for the student, plus a parameter group for the aligners."""
         self.teacher = self.teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        probe = torch.zeros(1, 3, self.args.imgsz, self.args.imgsz, device=self.device)
+        images = self.aligner_images
+        if images is None:  # only the channel counts are needed
+            images = torch.zeros(1, 3, self.args.imgsz, self.args.imgsz)
         student = unwrap_model(model)
         was_training = student.training
         with torch.no_grad():
-            s_maps = head_features(student.eval(), probe)
-            t_maps = head_features(self.teacher, probe)
+            s_maps = head_features(student.eval(), images.to(self.device))
+            t_maps = head_features(self.teacher, images.to(self.device))
         student.train(was_training)
         check_levels(s_maps, t_maps)
         self.aligners = make_aligners([m.shape[1] for m in s_maps], [m.shape[1] for m in t_maps])
+        if self.aligner_images is not None:
+            for aligner, s, t in zip(self.aligners, s_maps, t_maps, strict=True):
+                fit_aligner(aligner, s.cpu(), t.cpu())
         self.aligners.to(self.device)
         optimizer = super().build_optimizer(model, *args, **kwargs)
         optimizer.add_param_group({"params": list(self.aligners.parameters()), "weight_decay": 0.0})
@@ -202,6 +235,10 @@ def main() -> None:
     DistillTrainer.tau = cfg["temperature"]
     DistillTrainer.weight = cfg["weight"]
     DistillTrainer.level_weights = cfg["level_weights"]
+    fit_count = cfg["aligner_fit_images"]
+    DistillTrainer.aligner_images = (
+        calibration_batch(TRAIN_IMAGES, fit_count, params["imgsz"]) if fit_count else None
+    )
     distilled = yolo.train(
         student, "distill", MODEL_OUT, REPORT_DIR / "results.csv", trainer=DistillTrainer, **args
     )

@@ -41,7 +41,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.images import calibration_batch
+from stages.common.images import VAL_IMAGES, calibration_batch
 from stages.common.layers import C2fSplit
 from stages.common.outputs import atomic_path, print_summary, save_figure, write_csv, write_json
 from stages.common.runtime import PROJECT_ROOT
@@ -49,7 +49,6 @@ from stages.common.runtime import PROJECT_ROOT
 SPARSE = PROJECT_ROOT / "models" / "sparse.pt"
 MODEL_OUT = PROJECT_ROOT / "models" / "pruned.pt"
 REPORT_DIR = PROJECT_ROOT / "reports" / "prune"
-VAL_IMAGES = PROJECT_ROOT / "data" / "yolo" / "images" / "val"
 
 SCHEMA = {
     "imgsz": P.COMMON["imgsz"],

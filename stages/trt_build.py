@@ -28,14 +28,13 @@ import torch
 
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.images import calibration_batch
+from stages.common.images import TRAIN_IMAGES, calibration_batch
 from stages.common.outputs import atomic_path, print_summary, write_json
 from stages.common.runtime import PROJECT_ROOT, TMP_DIR
 
 DISTILLED = PROJECT_ROOT / "models" / "distilled.pt"
 DEPLOY_DIR = PROJECT_ROOT / "models" / "deploy"
 RECORD_OUT = PROJECT_ROOT / "reports" / "trt_build" / "deploy.json"
-TRAIN_IMAGES = PROJECT_ROOT / "data" / "yolo" / "images" / "train"
 
 SCHEMA = {
     **{k: P.COMMON[k] for k in ("imgsz", "device")},

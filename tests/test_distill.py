@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from copy import deepcopy
+
 import numpy as np
 import pytest
 import torch
@@ -13,12 +15,12 @@ from stages.distill import (
     CWDCriterion,
     check_levels,
     cwd_loss,
+    fit_aligner,
     head_features,
     make_aligners,
 )
-from stages.prune import apply, bn_gammas, plan, trace
 from tests.test_params import expect_param_error
-from tests.test_prune import _model
+from tests.test_prune import _pruned_model
 
 
 def _reference_cwd(s: np.ndarray, t: np.ndarray, tau: float) -> float:
@@ -58,6 +60,37 @@ def test_cwd_rejects_mismatched_shapes() -> None:
         cwd_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4), 1.0)
 
 
+def test_a_fitted_aligner_recovers_an_exact_linear_map() -> None:
+    """Teacher maps that are M @ student + c: the fitted aligner must reproduce them exactly."""
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 6, 5, 5, generator=gen)
+    mix = torch.randn(9, 6, generator=gen)
+    offset = torch.randn(9, generator=gen)
+    teacher = torch.einsum("ts,nshw->nthw", mix, student) + offset[None, :, None, None]
+    (aligner,) = make_aligners([6], [9])
+    fit_aligner(aligner, student, teacher)
+    for mode in (True, False):  # batch statistics and running statistics give the same map
+        with torch.no_grad():
+            aligned = deepcopy(aligner).train(mode)(student)
+        torch.testing.assert_close(aligned, teacher, atol=1e-4, rtol=1e-4)
+    assert cwd_loss(aligned, teacher, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_fitted_aligner_beats_a_random_one_on_real_maps() -> None:
+    """On a pruned student and its teacher, the fit lowers the CWD loss the training starts at."""
+    teacher, student = _detector(0).eval(), _pruned_model(seed=1).eval()
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        t_maps, s_maps = head_features(teacher, x), head_features(student, x)
+    channels = ([m.shape[1] for m in s_maps], [m.shape[1] for m in t_maps])
+    random_init, fitted = make_aligners(*channels), make_aligners(*channels)
+    for aligner, s, t in zip(fitted, s_maps, t_maps, strict=True):
+        fit_aligner(aligner, s, t)
+    with torch.no_grad():
+        for rand, fit, s, t in zip(random_init, fitted, s_maps, t_maps, strict=True):
+            assert cwd_loss(fit.eval()(s), t, 1.0) < cwd_loss(rand.train()(s), t, 1.0)
+
+
 def _detector(seed: int) -> DetectionModel:
     torch.manual_seed(seed)
     model = DetectionModel("yolov8n.yaml", nc=10, verbose=False)
@@ -67,15 +100,8 @@ def _detector(seed: int) -> DetectionModel:
 
 def test_gradients_reach_student_and_aligners_never_the_teacher() -> None:
     teacher = _detector(0).eval()
-    student = _model(seed=1)  # random BN scales, so pruning reaches every level
+    student = _pruned_model(seed=1)  # random BN scales, so pruning reaches every level
     student.args = get_cfg(overrides={})
-    graph = trace(student)
-    apply(
-        student,
-        graph,
-        plan(graph, bn_gammas(student), 0.5, "global", 8, 8).removed,
-        torch.rand(1, 3, 64, 64),
-    )
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         s_maps, t_maps = head_features(student, x), head_features(teacher, x)
@@ -155,6 +181,7 @@ def test_a_teacher_with_other_levels_is_refused_before_training() -> None:
         ("level_weights", [1.0, -1.0, 1.0], "distill.level_weights = [1.0, -1.0, 1.0] is invalid"),
         ("level_weights", [1.0, 1.0], "expected a list of 3 numbers >= 0"),
         ("teacher", "pruned", "distill.teacher = 'pruned' is invalid"),
+        ("aligner_fit_images", -1, "distill.aligner_fit_images = -1 is invalid"),
     ],
 )
 def test_bad_params_name_the_key(key: str, value: object, message: str) -> None:

@@ -34,6 +34,15 @@ def _model(cfg: str = "yolov8n.yaml", seed: int = 0) -> DetectionModel:
     return make_prunable(model.eval())
 
 
+def _pruned_model(cfg: str = "yolov8n.yaml", seed: int = 0) -> DetectionModel:
+    """_model with half of its channels removed by the global plan (a typical pruned student)."""
+    model = _model(cfg, seed)
+    graph = trace(model)
+    result = plan(graph, bn_gammas(model), 0.5, "global", min_channels=8, round_to=8)
+    apply(model, graph, result.removed, torch.rand(2, 3, 64, 64))
+    return model
+
+
 def _predictions(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         decoded, raw = model.eval()(x)
@@ -219,10 +228,7 @@ def _train_step(model: nn.Module) -> None:
 def test_pruned_model_runs_loads_trains_and_exports(cfg: str, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    model = _model(cfg)
-    graph = trace(model)
-    result = plan(graph, bn_gammas(model), 0.5, "global", min_channels=8, round_to=8)
-    apply(model, graph, result.removed, torch.rand(2, 3, 64, 64))
+    model = _pruned_model(cfg)
     count = sum(p.numel() for p in model.parameters())
     for size in (64, 96):
         _predictions(model, torch.rand(1, 3, size, size))

@@ -21,7 +21,7 @@ from stages.trt_build import (
     tensorrt_unavailable,
 )
 from tests.test_params import expect_param_error
-from tests.test_prune import _model
+from tests.test_prune import _pruned_model
 
 HAS_TENSORRT = torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None
 IMGSZ = 320
@@ -30,16 +30,7 @@ IMGSZ = 320
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DetectionModel, float]:
     """A pruned random-weight model saved as a checkpoint and exported to ONNX by the stage code."""
-    from stages.prune import apply, bn_gammas, plan, trace
-
-    model = _model(seed=3)
-    graph = trace(model)
-    apply(
-        model,
-        graph,
-        plan(graph, bn_gammas(model), 0.5, "global", 8, 8).removed,
-        torch.rand(1, 3, 64, 64),
-    )
+    model = _pruned_model(seed=3)
     folder = tmp_path_factory.mktemp("deploy")
     checkpoint = folder / "model.pt"
     torch.save({"model": model, "train_args": {"imgsz": IMGSZ}}, checkpoint)

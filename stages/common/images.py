@@ -9,6 +9,11 @@ import numpy as np
 import torch
 from ultralytics.data.augment import LetterBox
 
+from stages.common.runtime import PROJECT_ROOT
+
+TRAIN_IMAGES = PROJECT_ROOT / "data" / "yolo" / "images" / "train"
+VAL_IMAGES = PROJECT_ROOT / "data" / "yolo" / "images" / "val"
+
 
 def calibration_batch(folder: Path, count: int, imgsz: int) -> torch.Tensor:
     """The first ``count`` images of ``folder`` (by name), letterboxed to imgsz, in [0, 1]."""
