@@ -49,6 +49,7 @@ from stages.common.runtime import PROJECT_ROOT
 SPARSE = PROJECT_ROOT / "models" / "sparse.pt"
 MODEL_OUT = PROJECT_ROOT / "models" / "pruned.pt"
 REPORT_DIR = PROJECT_ROOT / "reports" / "prune"
+NOT_SPARSE_GAMMA = 0.1  # pruning a channel with a larger |gamma| removes real signal
 
 SCHEMA = {
     "imgsz": P.COMMON["imgsz"],
@@ -448,6 +449,23 @@ def bn_gammas(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def largest_removed_gamma(
+    graph: ChannelGraph, bn_gammas: dict[str, torch.Tensor], removed: Iterable[tuple[str, int]]
+) -> float:
+    """The largest |gamma| among the removed channels (0 when none are removed)."""
+    return max((float(bn_gammas[graph.bn_after[c]][i].abs()) for c, i in removed), default=0.0)
+
+
+def not_sparse_warning(largest_removed: float) -> str | None:
+    """A warning when pruning removed channels whose scale was far from zero."""
+    if largest_removed <= NOT_SPARSE_GAMMA:
+        return None
+    return (
+        f"removed channels had |gamma| up to {largest_removed:.3g} (> {NOT_SPARSE_GAMMA}): the "
+        f"model's gammas are not sparse (was it sparse-trained?), expect a large accuracy drop"
+    )
+
+
 def conv_channels(model: nn.Module, graph: ChannelGraph) -> dict[str, int]:
     modules = dict(model.named_modules())
     return {name: modules[name].out_channels for name in graph.convs}
@@ -480,9 +498,7 @@ def main() -> None:
     )
     before_size = yolo.model_size(model, imgsz)
     before_channels = conv_channels(model, graph)
-    largest_removed = max(
-        (float(gammas[graph.bn_after[c]][i].abs()) for c, i in chosen.removed), default=0.0
-    )
+    largest_removed = largest_removed_gamma(graph, gammas, chosen.removed)
 
     apply(
         model,
@@ -554,14 +570,9 @@ def main() -> None:
     ]
     if capped:
         lines.append(("kept by min_channels/round_to", f"{len(capped)} spaces, e.g. {capped[0]}"))
-    if largest_removed > 0.1:
-        lines.append(
-            (
-                "WARNING",
-                f"removed channels had |gamma| up to {largest_removed:.3g}: the "
-                f"model's gammas are not sparse (was it sparse-trained?)",
-            )
-        )
+    warning = not_sparse_warning(largest_removed)
+    if warning:
+        lines.append(("WARNING", warning))
     lines.append(
         (
             "written",

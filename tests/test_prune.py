@@ -16,7 +16,17 @@ from ultralytics.nn.tasks import DetectionModel
 
 from stages.common import yolo
 from stages.common.layers import C2fSplit
-from stages.prune import SCHEMA, apply, bn_gammas, detect_prefix, make_prunable, plan, trace
+from stages.prune import (
+    SCHEMA,
+    apply,
+    bn_gammas,
+    detect_prefix,
+    largest_removed_gamma,
+    make_prunable,
+    not_sparse_warning,
+    plan,
+    trace,
+)
 from tests.test_params import expect_param_error
 
 
@@ -278,6 +288,21 @@ def test_yolov8m_matches_the_papers_parameter_count() -> None:
 )
 def test_bad_params_name_the_key(key: str, value: object, message: str) -> None:
     expect_param_error(SCHEMA, "prune", key, value, message)
+
+
+def test_a_model_that_was_never_sparse_trained_prunes_with_a_warning() -> None:
+    model = _model()  # |gamma| in [0.5, 1.5]: nothing is near zero
+    graph = trace(model)
+    gammas = bn_gammas(model)
+    removed = plan(graph, gammas, 0.3, "global", 8, 8).removed
+    largest = largest_removed_gamma(graph, gammas, removed)
+    assert 0.5 <= largest <= 1.5
+    assert "not sparse" in not_sparse_warning(largest)
+    with torch.no_grad():  # the same channels after sparse training: scales at zero
+        for conv, i in removed:
+            gammas[graph.bn_after[conv]][i] = 0.0
+    assert largest_removed_gamma(graph, gammas, removed) == 0.0
+    assert not_sparse_warning(0.0) is None
 
 
 def test_a_checkpoint_that_is_not_a_detector_is_refused(tmp_path: Path) -> None:
