@@ -11,7 +11,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.outputs import print_summary
+from stages.common.outputs import print_summary, written
 from stages.common.runtime import PROJECT_ROOT
 
 MODEL_OUT = PROJECT_ROOT / "models" / "baseline.pt"
@@ -46,10 +46,7 @@ def main() -> None:
             ("epochs, imgsz", f"{section['epochs']}, {params['imgsz']} px"),
             ("params (fused)", f"{size['params'] / 1e6:.3f} M"),
             ("GFLOPs", size["flops_g"]),
-            (
-                "written",
-                f"{MODEL_OUT.relative_to(PROJECT_ROOT)}, {RESULTS_OUT.relative_to(PROJECT_ROOT)}",
-            ),
+            written(MODEL_OUT, RESULTS_OUT),
         ],
     )
 

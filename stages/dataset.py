@@ -23,7 +23,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.common import params as P
-from stages.common.outputs import atomic_path, print_summary, save_figure, write_csv, write_json
+from stages.common.outputs import (
+    atomic_path,
+    print_summary,
+    save_figure,
+    write_csv,
+    write_json,
+    written,
+)
 from stages.common.runtime import PROJECT_ROOT, cpu_threads
 from stages.synthetic import VISDRONE_CLASSES, SceneSpec, write_split
 
@@ -286,10 +293,7 @@ def main() -> None:
             ),
             ("dropped (train+val)", dict(sum((s.dropped for s in per_split.values()), Counter()))),
             ("clipped boxes", sum(s.clipped for s in per_split.values())),
-            (
-                "written",
-                f"{DATA_DIR.relative_to(PROJECT_ROOT)}/, {REPORT_DIR.relative_to(PROJECT_ROOT)}/",
-            ),
+            written(DATA_DIR, REPORT_DIR),
         ],
     )
 

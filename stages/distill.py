@@ -33,7 +33,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from stages.common import params as P
 from stages.common import yolo
 from stages.common.images import TRAIN_IMAGES, calibration_batch
-from stages.common.outputs import print_summary, write_json
+from stages.common.outputs import print_summary, write_json, written
 from stages.common.runtime import PROJECT_ROOT
 
 STUDENT = PROJECT_ROOT / "models" / "pruned.pt"
@@ -107,11 +107,15 @@ def fit_aligner(aligner: nn.Sequential, student: torch.Tensor, teacher: torch.Te
         bn.bias.copy_(t.mean(0))
 
 
-def head_features(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """The maps the Detect head receives: ultralytics returns them as preds["feats"]."""
-    out = model(images)
-    raw = out[1] if isinstance(out, tuple) else out
+def feature_maps(preds: Any) -> list[torch.Tensor]:
+    """The maps the Detect head received, from its output (ultralytics keeps them as "feats")."""
+    raw = preds[1] if isinstance(preds, tuple) else preds  # eval mode: (decoded, raw)
     return list(raw["feats"])
+
+
+def head_features(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """The maps the Detect head of ``model`` receives for ``images``."""
+    return feature_maps(model(images))
 
 
 # --- ultralytics glue --------------------------------------------------------------------------
@@ -134,13 +138,12 @@ class CWDCriterion:
 
     def __call__(self, preds: Any, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, items = self.detection(preds, batch)
-        raw = preds[1] if isinstance(preds, tuple) else preds
         with torch.no_grad():
             teacher_maps = head_features(self.teacher, batch["img"])
         cwd = sum(
             w * cwd_loss(align(s), t, self.tau)
             for w, align, s, t in zip(
-                self.level_weights, self.aligners, raw["feats"], teacher_maps, strict=True
+                self.level_weights, self.aligners, feature_maps(preds), teacher_maps, strict=True
             )
         )
         weighted = self.weight * cwd
@@ -153,31 +156,17 @@ class DistillTrainer(yolo.ModelKeepingTrainer):
     """Fine-tunes the student with the CWD criterion; the stage sets the class attributes."""
 
     teacher: nn.Module
+    aligners: nn.ModuleList
     tau: float = 1.0
     weight: float = 1.0
     level_weights: Sequence[float] = (1.0, 1.0, 1.0)
-    aligner_images: torch.Tensor | None = None  # images to fit the aligners on; None: random init
 
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """ultralytics' optimizer for the student, plus a parameter group for the aligners."""
         self.teacher = self.teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        images = self.aligner_images
-        if images is None:  # only the channel counts are needed
-            images = torch.zeros(1, 3, self.args.imgsz, self.args.imgsz)
-        student = unwrap_model(model)
-        was_training = student.training
-        with torch.no_grad():
-            s_maps = head_features(student.eval(), images.to(self.device))
-            t_maps = head_features(self.teacher, images.to(self.device))
-        student.train(was_training)
-        check_levels(s_maps, t_maps)
-        self.aligners = make_aligners([m.shape[1] for m in s_maps], [m.shape[1] for m in t_maps])
-        if self.aligner_images is not None:
-            for aligner, s, t in zip(self.aligners, s_maps, t_maps, strict=True):
-                fit_aligner(aligner, s.cpu(), t.cpu())
-        self.aligners.to(self.device)
+        self.aligners = self.aligners.to(self.device)
         optimizer = super().build_optimizer(model, *args, **kwargs)
         optimizer.add_param_group({"params": list(self.aligners.parameters()), "weight_decay": 0.0})
         return optimizer
@@ -224,21 +213,27 @@ def main() -> None:
     args = yolo.training_args(params, cfg)
     student = yolo.load_detector(STUDENT)
     teacher = yolo.load_detector(TEACHERS[cfg["teacher"]])
-    probe = torch.zeros(1, 3, params["imgsz"], params["imgsz"])
-    with torch.no_grad():  # fail before training on mismatched levels
-        check_levels(
-            head_features(student.model.eval(), probe), head_features(teacher.model.eval(), probe)
-        )
+    fit_count, imgsz = cfg["aligner_fit_images"], params["imgsz"]
+    images = (  # without fitting, a blank image tells the channel counts
+        calibration_batch(TRAIN_IMAGES, fit_count, imgsz)
+        if fit_count
+        else torch.zeros(1, 3, imgsz, imgsz)
+    )
+    with torch.no_grad():
+        s_maps = head_features(student.model.float().eval(), images)
+        t_maps = head_features(teacher.model.float().eval(), images)
+    check_levels(s_maps, t_maps)  # fails before training on mismatched levels
+    aligners = make_aligners([m.shape[1] for m in s_maps], [m.shape[1] for m in t_maps])
+    if fit_count:
+        for aligner, s, t in zip(aligners, s_maps, t_maps, strict=True):
+            fit_aligner(aligner, s, t)
     student_params = sum(p.numel() for p in student.model.parameters())
 
-    DistillTrainer.teacher = teacher.model.float()
+    DistillTrainer.teacher = teacher.model
+    DistillTrainer.aligners = aligners
     DistillTrainer.tau = cfg["temperature"]
     DistillTrainer.weight = cfg["weight"]
     DistillTrainer.level_weights = cfg["level_weights"]
-    fit_count = cfg["aligner_fit_images"]
-    DistillTrainer.aligner_images = (
-        calibration_batch(TRAIN_IMAGES, fit_count, params["imgsz"]) if fit_count else None
-    )
     distilled = yolo.train(
         student, "distill", MODEL_OUT, REPORT_DIR / "results.csv", trainer=DistillTrainer, **args
     )
@@ -248,11 +243,7 @@ def main() -> None:
             f"the distilled model has {saved_params} params, the pruned student "
             f"{student_params}: the pruned structure was not kept"
         )
-    ap50 = float(
-        yolo.validate(
-            distilled, "distill-end", imgsz=params["imgsz"], device=params["device"]
-        ).box.map50
-    )
+    ap50 = yolo.val_ap50(distilled, "distill-end", params)
     metrics = {
         "ap50": round(ap50, 4),
         "params_m": round(saved_params / 1e6, 4),
@@ -266,10 +257,7 @@ def main() -> None:
         [
             ("student params", f"{saved_params / 1e6:.3f} M unfused, as pruned (structure kept)"),
             ("val AP50", f"{ap50:.3f}"),
-            (
-                "written",
-                f"{MODEL_OUT.relative_to(PROJECT_ROOT)}, {REPORT_DIR.relative_to(PROJECT_ROOT)}/",
-            ),
+            written(MODEL_OUT, REPORT_DIR),
         ],
     )
 

@@ -26,7 +26,7 @@ from ultralytics import YOLO
 
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.outputs import atomic_path, print_summary, write_json
+from stages.common.outputs import atomic_path, print_summary, write_json, written
 from stages.common.runtime import PROJECT_ROOT, cpu_threads
 
 # The checkpoints of the pipeline, in DAG order: name -> file written by its stage.
@@ -137,10 +137,10 @@ def speed_metrics(times: list[float], images_per_pass: int, where: str) -> dict[
     return {f"{where}_latency_ms": round(per_image, 3), f"{where}_fps": round(1000 / per_image, 2)}
 
 
-def _speed(m: dict, fmt: str) -> str:
+def _latency_and_fps(m: dict) -> tuple[str, str]:
     if "cpu_fps" in m:
-        return f"{m['cpu_latency_ms']:.2f} | {m['cpu_fps']:{fmt}}"
-    return f"GPU {m['gpu_latency_ms']:.2f} | GPU {m['gpu_fps']:{fmt}}"
+        return f"{m['cpu_latency_ms']:.2f}", f"{m['cpu_fps']:.1f}"
+    return f"GPU {m['gpu_latency_ms']:.2f}", f"GPU {m['gpu_fps']:.1f}"
 
 
 def summary_table(metrics: dict[str, dict[str, float]], imgsz: int) -> str:
@@ -161,7 +161,7 @@ def summary_table(metrics: dict[str, dict[str, float]], imgsz: int) -> str:
         )
         lines.append(
             f"| {name} | {m['params_m']:.3f} | {m['gflops']:.3f} | {m['gmacs']:.3f} | "
-            f"{m['ap50']:.3f} | {m['map50_95']:.3f} | {_speed(m, '.1f')} | "
+            f"{m['ap50']:.3f} | {m['map50_95']:.3f} | {' | '.join(_latency_and_fps(m))} | "
             f"{(m['params_m'] / base['params_m'] - 1) * 100:+.1f}% | "
             f"{(m['gflops'] / base['gflops'] - 1) * 100:+.1f}% | {speedup} |"
         )
@@ -209,23 +209,20 @@ def main() -> None:
         tmp.write_text(summary_table(metrics, imgsz))
 
     gap = metrics["deployed"]["ap50"] - metrics[DEPLOYED_FROM]["ap50"]
-    rows = [
-        (
-            name,
-            f"AP50 {m['ap50']:.3f}  mAP50-95 {m['map50_95']:.3f}  {m['params_m']:.2f} M params  "
-            f"{m['gflops']:.2f} GFLOPs  " + _speed(m, ".1f").replace(" | ", " ms, ") + " FPS",
+    rows = []
+    for name, m in metrics.items():
+        ms, fps = _latency_and_fps(m)
+        rows.append(
+            (
+                name,
+                f"AP50 {m['ap50']:.3f}  mAP50-95 {m['map50_95']:.3f}  {m['params_m']:.2f} M "
+                f"params  {m['gflops']:.2f} GFLOPs  {ms} ms, {fps} FPS",
+            )
         )
-        for name, m in metrics.items()
-    ]
     rows.append(
         ("deployed vs PyTorch", f"AP50 {gap:+.4f} ({record['backend']}, {record['precision']})")
     )
-    rows.append(
-        (
-            "written",
-            f"{METRICS_OUT.relative_to(PROJECT_ROOT)}, {SUMMARY_OUT.relative_to(PROJECT_ROOT)}",
-        )
-    )
+    rows.append(written(METRICS_OUT, SUMMARY_OUT))
     print_summary("evaluate", rows)
 
 

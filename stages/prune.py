@@ -43,7 +43,14 @@ from stages.common import params as P
 from stages.common import yolo
 from stages.common.images import VAL_IMAGES, calibration_batch
 from stages.common.layers import C2fSplit
-from stages.common.outputs import atomic_path, print_summary, save_figure, write_csv, write_json
+from stages.common.outputs import (
+    atomic_path,
+    print_summary,
+    save_figure,
+    write_csv,
+    write_json,
+    written,
+)
 from stages.common.runtime import PROJECT_ROOT
 
 SPARSE = PROJECT_ROOT / "models" / "sparse.pt"
@@ -288,9 +295,15 @@ class PrunePlan:
     removed_prunable: int
 
 
-def group_importance(graph: ChannelGraph, bn_gammas: dict[str, torch.Tensor], group: list) -> float:
-    """A tied group is only as unimportant as its most important member."""
-    return max(float(bn_gammas[graph.bn_after[c]][i].abs()) for c, i in group)
+def largest_gamma(
+    graph: ChannelGraph, bn_gammas: dict[str, torch.Tensor], channels: Iterable[ChannelId]
+) -> float:
+    """The largest |gamma| among ``channels`` (0 for none).
+
+    It ranks a tied group (a group is only as unimportant as its most important member) and
+    reports how far from zero the removed channels were.
+    """
+    return max((float(bn_gammas[graph.bn_after[c]][i].abs()) for c, i in channels), default=0.0)
 
 
 def plan(
@@ -323,7 +336,7 @@ def plan(
         else:
             space.groups.append(members)
     importance = {
-        id(g): group_importance(graph, bn_gammas, g) for s in by_space.values() for g in s.groups
+        id(g): largest_gamma(graph, bn_gammas, g) for s in by_space.values() for g in s.groups
     }
     prunable = sum(len(g) for s in by_space.values() for g in s.groups)
 
@@ -449,13 +462,6 @@ def bn_gammas(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def largest_removed_gamma(
-    graph: ChannelGraph, bn_gammas: dict[str, torch.Tensor], removed: Iterable[tuple[str, int]]
-) -> float:
-    """The largest |gamma| among the removed channels (0 when none are removed)."""
-    return max((float(bn_gammas[graph.bn_after[c]][i].abs()) for c, i in removed), default=0.0)
-
-
 def not_sparse_warning(largest_removed: float) -> str | None:
     """A warning when pruning removed channels whose scale was far from zero."""
     if largest_removed <= NOT_SPARSE_GAMMA:
@@ -498,7 +504,7 @@ def main() -> None:
     )
     before_size = yolo.model_size(model, imgsz)
     before_channels = conv_channels(model, graph)
-    largest_removed = largest_removed_gamma(graph, gammas, chosen.removed)
+    largest_removed = largest_gamma(graph, gammas, chosen.removed)
 
     apply(
         model,
@@ -519,7 +525,7 @@ def main() -> None:
     with atomic_path(MODEL_OUT) as tmp:
         torch.save(checkpoint, tmp)
     pruned = yolo.load_detector(MODEL_OUT)
-    ap50 = float(yolo.validate(pruned, "prune", imgsz=imgsz, device=params["device"]).box.map50)
+    ap50 = yolo.val_ap50(pruned, "prune", params)
 
     capped = [" + ".join(s.convs) for s in chosen.spaces if s.capped]
     metrics = {
@@ -573,12 +579,7 @@ def main() -> None:
     warning = not_sparse_warning(largest_removed)
     if warning:
         lines.append(("WARNING", warning))
-    lines.append(
-        (
-            "written",
-            f"{MODEL_OUT.relative_to(PROJECT_ROOT)}, {REPORT_DIR.relative_to(PROJECT_ROOT)}/",
-        )
-    )
+    lines.append(written(MODEL_OUT, REPORT_DIR))
     print_summary("prune", lines)
 
 

@@ -37,7 +37,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.outputs import print_summary, save_figure, write_json
+from stages.common.outputs import print_summary, save_figure, write_json, written
 from stages.common.runtime import PROJECT_ROOT
 
 BASELINE = PROJECT_ROOT / "models" / "baseline.pt"
@@ -98,9 +98,8 @@ def gamma_magnitudes(batchnorms: Sequence[nn.BatchNorm2d]) -> np.ndarray:
     return np.concatenate([bn.weight.detach().abs().double().cpu().numpy() for bn in batchnorms])
 
 
-def sparsity_stats(batchnorms: Sequence[nn.BatchNorm2d], near_zero: float) -> dict[str, float]:
+def sparsity_stats(gammas: np.ndarray, near_zero: float) -> dict[str, float]:
     """Total |gamma| and the fraction of channels with |gamma| below ``near_zero``."""
-    gammas = gamma_magnitudes(batchnorms)
     return {"gamma_l1": float(gammas.sum()), "near_zero": float((gammas < near_zero).mean())}
 
 
@@ -159,8 +158,6 @@ class SparseTrainer(yolo.ModelKeepingTrainer):
     def _setup_train(self) -> None:
         super()._setup_train()
         self.batchnorms = penalized_batchnorms(unwrap_model(self.model), self.exclude)
-        if not self.batchnorms:
-            raise ValueError("no BatchNorm2d is left to penalise: check sparse_train.exclude")
 
     def optimizer_step(self) -> None:
         """ultralytics' step (unscale, clip, step, EMA) with the penalty after unscaling."""
@@ -180,7 +177,8 @@ class SparseTrainer(yolo.ModelKeepingTrainer):
         metrics, fitness = super().validate()
         used = self.schedule.coefficient(self.epoch)
         evaluated = self.ema.ema if self.ema else unwrap_model(self.model)
-        stats = sparsity_stats(penalized_batchnorms(evaluated, self.exclude), self.near_zero)
+        gammas = gamma_magnitudes(penalized_batchnorms(evaluated, self.exclude))
+        stats = sparsity_stats(gammas, self.near_zero)
         self.schedule.observe(
             self.epoch, stats["near_zero"], metrics["metrics/mAP50(B)"], self.ap50_start
         )
@@ -222,12 +220,8 @@ def main() -> None:
         raise P.ParamsError(
             f"params.yaml: sparse_train.exclude = {cfg['exclude']!r} excludes every BatchNorm."
         )
-    gammas_before = gamma_magnitudes(bns_before)
-    ap50_before = float(
-        yolo.validate(
-            model, "sparse-start", imgsz=params["imgsz"], device=params["device"]
-        ).box.map50
-    )
+    gammas_before = gamma_magnitudes(bns_before)  # a copy: training changes these modules
+    ap50_before = yolo.val_ap50(model, "sparse-start", params)
 
     SparseTrainer.schedule = PenaltySchedule(
         cfg["schedule"],
@@ -245,17 +239,14 @@ def main() -> None:
         model, "sparse_train", MODEL_OUT, REPORT_DIR / "results.csv", trainer=SparseTrainer, **args
     )
     gammas_after = gamma_magnitudes(penalized_batchnorms(sparse.model, cfg["exclude"]))
-    ap50_after = float(
-        yolo.validate(
-            sparse, "sparse-end", imgsz=params["imgsz"], device=params["device"]
-        ).box.map50
-    )
+    ap50_after = yolo.val_ap50(sparse, "sparse-end", params)
     near = cfg["near_zero"]
+    before, after = sparsity_stats(gammas_before, near), sparsity_stats(gammas_after, near)
     metrics = {
-        "near_zero_before": round(float((gammas_before < near).mean()), 4),
-        "near_zero_after": round(float((gammas_after < near).mean()), 4),
-        "gamma_l1_before": round(float(gammas_before.sum()), 2),
-        "gamma_l1_after": round(float(gammas_after.sum()), 2),
+        "near_zero_before": round(before["near_zero"], 4),
+        "near_zero_after": round(after["near_zero"], 4),
+        "gamma_l1_before": round(before["gamma_l1"], 2),
+        "gamma_l1_after": round(after["gamma_l1"], 2),
         "ap50_before": round(ap50_before, 4),
         "ap50_after": round(ap50_after, 4),
         "ap50_retained": round(ap50_after / max(ap50_before, 1e-9), 4),
@@ -275,10 +266,7 @@ def main() -> None:
                 "val AP50",
                 f"{ap50_before:.3f} -> {ap50_after:.3f} ({metrics['ap50_retained']:.1%} retained)",
             ),
-            (
-                "written",
-                f"{MODEL_OUT.relative_to(PROJECT_ROOT)}, {REPORT_DIR.relative_to(PROJECT_ROOT)}/",
-            ),
+            written(MODEL_OUT, REPORT_DIR),
         ],
     )
 

@@ -29,7 +29,7 @@ import torch
 from stages.common import params as P
 from stages.common import yolo
 from stages.common.images import TRAIN_IMAGES, calibration_batch
-from stages.common.outputs import atomic_path, print_summary, write_json
+from stages.common.outputs import atomic_path, print_summary, write_json, written
 from stages.common.runtime import PROJECT_ROOT, TMP_DIR
 
 DISTILLED = PROJECT_ROOT / "models" / "distilled.pt"
@@ -109,44 +109,41 @@ def export_onnx(model_path: Path, out: Path, imgsz: int, batch: int, opset: int)
     x = np.random.default_rng(0).random((batch, 3, imgsz, imgsz), dtype=np.float32)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (onnx_y,) = session.run(None, {session.get_inputs()[0].name: x})
-    with torch.no_grad():
-        torch_y = yolo.load_detector(model_path).model.float().eval()(torch.from_numpy(x))[0]
+    with torch.no_grad():  # export worked on a copy: detector.model is the checkpoint's model
+        torch_y = detector.model.float().eval()(torch.from_numpy(x))[0]
     return float(np.abs(onnx_y - torch_y.numpy()).max())
 
 
-class EntropyCalibrator:
-    """TensorRT int8 entropy calibration on letterboxed training images (built lazily)."""
+def entropy_calibrator(images: torch.Tensor, batch: int, cache: Path) -> Any:
+    """A TensorRT int8 entropy calibrator over ``images`` in batches of ``batch``.
 
-    @staticmethod
-    def create(images: torch.Tensor, batch: int, cache: Path) -> Any:
-        import tensorrt as trt
+    The class is defined here because its base class comes from tensorrt, imported only here.
+    """
+    import tensorrt as trt
 
-        class _Calibrator(trt.IInt8EntropyCalibrator2):
-            def __init__(self) -> None:
-                super().__init__()
-                self.batches = list(images.split(batch))
-                self.index = 0
-                self.device_batch: torch.Tensor | None = None
+    class Calibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            super().__init__()
+            # the engine's input is static: a short last batch is left out
+            self.batches = [b for b in images.split(batch) if len(b) == batch]
+            self.device_batch: torch.Tensor | None = None  # kept alive while TensorRT reads it
 
-            def get_batch_size(self) -> int:
-                return batch
+        def get_batch_size(self) -> int:
+            return batch
 
-            def get_batch(self, names: list[str]) -> list[int] | None:
-                while self.index < len(self.batches) and len(self.batches[self.index]) != batch:
-                    self.index += 1  # the engine's input is static: skip a short last batch
-                if self.index >= len(self.batches):
-                    return None
-                self.device_batch = self.batches[self.index].cuda().contiguous()
-                self.index += 1
-                return [int(self.device_batch.data_ptr())]
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            if not self.batches:
+                return None
+            self.device_batch = self.batches.pop(0).cuda().contiguous()
+            return [int(self.device_batch.data_ptr())]
 
-            def read_calibration_cache(self) -> bytes | None:
-                return cache.read_bytes() if cache.exists() else None
+        def read_calibration_cache(self) -> bytes | None:
+            return cache.read_bytes() if cache.exists() else None
 
-            def write_calibration_cache(self, data: bytes) -> None:
-                cache.write_bytes(bytes(data))
+        def write_calibration_cache(self, data: bytes) -> None:
+            cache.write_bytes(bytes(data))
 
-        return _Calibrator()
+    return Calibrator()
 
 
 def build_engine(onnx_path: Path, engine_path: Path, cfg: dict, imgsz: int) -> dict[str, Any]:
@@ -171,7 +168,7 @@ def build_engine(onnx_path: Path, engine_path: Path, cfg: dict, imgsz: int) -> d
     if cfg["precision"] == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
         images = calibration_batch(TRAIN_IMAGES, cfg["calibration_images"], imgsz)
-        config.int8_calibrator = EntropyCalibrator.create(images, cfg["batch"], cache)
+        config.int8_calibrator = entropy_calibrator(images, cfg["batch"], cache)
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -241,12 +238,7 @@ def main() -> None:
                 f"{record['build_seconds']} s",
             )
         )
-    lines.append(
-        (
-            "written",
-            f"{DEPLOY_DIR.relative_to(PROJECT_ROOT)}/, {RECORD_OUT.relative_to(PROJECT_ROOT)}",
-        )
-    )
+    lines.append(written(DEPLOY_DIR, RECORD_OUT))
     print_summary("trt_build", lines)
 
 

@@ -21,7 +21,7 @@ from stages.prune import (
     apply,
     bn_gammas,
     detect_prefix,
-    largest_removed_gamma,
+    largest_gamma,
     make_prunable,
     not_sparse_warning,
     plan,
@@ -295,13 +295,13 @@ def test_a_model_that_was_never_sparse_trained_prunes_with_a_warning() -> None:
     graph = trace(model)
     gammas = bn_gammas(model)
     removed = plan(graph, gammas, 0.3, "global", 8, 8).removed
-    largest = largest_removed_gamma(graph, gammas, removed)
+    largest = largest_gamma(graph, gammas, removed)
     assert 0.5 <= largest <= 1.5
     assert "not sparse" in not_sparse_warning(largest)
     with torch.no_grad():  # the same channels after sparse training: scales at zero
         for conv, i in removed:
             gammas[graph.bn_after[conv]][i] = 0.0
-    assert largest_removed_gamma(graph, gammas, removed) == 0.0
+    assert largest_gamma(graph, gammas, removed) == 0.0
     assert not_sparse_warning(0.0) is None
 
 

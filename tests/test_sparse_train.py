@@ -14,6 +14,7 @@ from stages.sparse_train import (
     PenaltySchedule,
     SparseTrainer,
     add_l1_subgradient,
+    gamma_magnitudes,
     penalized_batchnorms,
     sparsity_stats,
 )
@@ -129,14 +130,14 @@ def test_dynamic_drives_a_small_model_toward_its_target() -> None:
     opt = torch.optim.Adam(student.parameters(), lr=0.02)
     schedule = PenaltySchedule("dynamic", 1e-3, epochs=8, target=0.5, ap50_floor=0.0, gain=2.0)
     near_zero, history = 0.05, []
-    start = sparsity_stats(bns, near_zero)["near_zero"]
+    start = sparsity_stats(gamma_magnitudes(bns), near_zero)["near_zero"]
     for epoch in range(8):
         for _ in range(25):
             opt.zero_grad()
             (student(x) - y).square().mean().backward()
             add_l1_subgradient(bns, schedule.coefficient(epoch))
             opt.step()
-        sparsity = sparsity_stats(bns, near_zero)["near_zero"]
+        sparsity = sparsity_stats(gamma_magnitudes(bns), near_zero)["near_zero"]
         history.append((schedule.coefficient(epoch), sparsity))
         schedule.observe(epoch, sparsity, ap50=1.0, ap50_start=1.0)
     coefficients = [c for c, _ in history]

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from stages.common.runtime import PROJECT_ROOT
+
 
 @contextmanager
 def atomic_path(target: Path | str) -> Iterator[Path]:
@@ -77,3 +79,9 @@ def print_summary(title: str, rows: Sequence[tuple[str, Any]]) -> None:
     for key, value in rows:
         shown = f"{value:.4g}" if isinstance(value, float) else value
         print(f"  {key:<{width}}  {shown}")
+
+
+def written(*paths: Path) -> tuple[str, str]:
+    """The summary row that names a stage's outputs, relative to the project (folders end in /)."""
+    shown = (f"{p.relative_to(PROJECT_ROOT)}{'/' if p.is_dir() else ''}" for p in paths)
+    return ("written", ", ".join(shown))

@@ -166,6 +166,13 @@ def train(
     return load_detector(model_out)
 
 
+def val_ap50(model: YOLO, run_name: str, params: dict) -> float:
+    """AP50 on the val split at the pipeline's imgsz and device."""
+    return float(
+        validate(model, run_name, imgsz=params["imgsz"], device=params["device"]).box.map50
+    )
+
+
 def validate(model: YOLO, run_name: str, **args: Any) -> Any:
     """ultralytics validation on the val split; returns its DetMetrics.
 
