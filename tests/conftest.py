@@ -11,6 +11,8 @@ import stages  # noqa: F401  (configures the environment before anything imports
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VISDRONE_SAMPLE = PROJECT_ROOT.parent / "shared" / "visdrone-sample"
+# The pipeline's stages in DAG order: names of dvc.yaml stages and of stages/ modules alike.
+STAGES = ("dataset", "baseline", "sparse_train", "prune", "distill", "trt_build", "evaluate")
 
 
 @pytest.fixture(autouse=True)

@@ -11,17 +11,7 @@ import pytest
 import yaml
 
 from stages.common import params as P
-from tests.conftest import PROJECT_ROOT
-
-STAGE_MODULES = (
-    "dataset",
-    "baseline",
-    "sparse_train",
-    "prune",
-    "distill",
-    "trt_build",
-    "evaluate",
-)
+from tests.conftest import PROJECT_ROOT, STAGES
 
 
 def _schema(stage: str) -> dict:
@@ -41,19 +31,19 @@ def expect_param_error(schema: dict, section: str, key: str, value: object, mess
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("stage", STAGE_MODULES)
+@pytest.mark.parametrize("stage", STAGES)
 def test_params_yaml_is_valid_for_every_stage(stage: str) -> None:
     P.validate(_schema(stage), _raw())
 
 
-@pytest.mark.parametrize("stage", STAGE_MODULES)
+@pytest.mark.parametrize("stage", STAGES)
 def test_dvc_yaml_declares_exactly_the_params_each_stage_reads(stage: str) -> None:
     """A param read but not declared goes stale silently; one declared but unread re-runs."""
     dvc = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
     assert sorted(dvc["stages"][stage]["params"]) == sorted(_schema(stage))
 
 
-@pytest.mark.parametrize("stage", STAGE_MODULES)
+@pytest.mark.parametrize("stage", STAGES)
 def test_dvc_yaml_declares_exactly_the_code_each_stage_imports(stage: str) -> None:
     """A stage's code deps are the project modules it imports, no more and no fewer."""
     code = (
@@ -74,7 +64,7 @@ def test_dvc_yaml_declares_exactly_the_code_each_stage_imports(stage: str) -> No
 
 
 def test_every_params_yaml_section_is_read_by_some_stage() -> None:
-    read = set().union(*(_schema(s) for s in STAGE_MODULES))
+    read = set().union(*(_schema(s) for s in STAGES))
     assert set(_raw()) == read
 
 

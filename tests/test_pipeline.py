@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, STAGES
 
 pytestmark = pytest.mark.slow
-
-STAGES = ("dataset", "baseline", "sparse_train", "prune", "distill", "trt_build", "evaluate")
 
 TINY = {
     "imgsz": 64,
@@ -105,9 +103,8 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     metrics = all_metrics["baseline"]
     assert 0.0 <= metrics["ap50"] <= 1.0
     assert metrics["params_m"] > 1.0 and metrics["gflops"] > 0 and metrics["cpu_fps"] > 0
-    assert (
-        all_metrics["sparse"]["params_m"] == metrics["params_m"]
-    )  # sparsity alone removes nothing
+    # Sparse training alone removes nothing.
+    assert all_metrics["sparse"]["params_m"] == metrics["params_m"]
 
     sparsity = json.loads((repo / "reports/sparse_train/sparsity.json").read_text())
     assert sparsity["gamma_l1_after"] < sparsity["gamma_l1_before"]  # the penalty did its work
