@@ -1,17 +1,27 @@
 """Stage `evaluate`: measure every model of the pipeline on the same val split.
 
 For each checkpoint (baseline, sparse, pruned, distilled) and for the deployed artifact written by
-trt_build (ONNX on ONNX Runtime, or a TensorRT engine): AP50, mAP50-95, precision and recall
-(ultralytics validation, the same pre- and post-processing for every backend), params, MACs and
-FLOPs of the fused model at imgsz, file size, and the latency of one image (batch 1, fp32 on the
-CPU, after warm-up; median over repeats) with FPS = 1000 / median ms. All models are timed in
-turns, pass by pass, before any validation runs; a TensorRT engine is timed on its GPU.
+trt_build (ONNX on ONNX Runtime, or a TensorRT engine):
 
-Writes reports/metrics.json (DVC metrics, keys like ``baseline.ap50``) and reports/summary.md.
+- accuracy: AP50, mAP50-95, precision, recall and per-class AP50 from ultralytics validation (the
+  same pre- and post-processing for every backend), and COCO AP (IoU 0.5:0.95) of small, medium
+  and large objects from pycocotools on the same predictions, against ground truth read from our
+  converted label files;
+- size: params, MACs and FLOPs of the fused model at imgsz, file size;
+- speed: the latency of one image (batch 1, fp32, after warm-up; median over repeats) with
+  FPS = 1000 / median ms, on the CPU for every PyTorch model and the ONNX Runtime artifact, and on
+  the GPU (PyTorch models and the TensorRT engine) when params.yaml names a CUDA device and one is
+  present. Models on one device are timed in turns, pass by pass, before any validation runs.
+
+Writes reports/metrics.json (DVC metrics, keys like ``distilled.ap50``), reports/summary.md (the
+paper's table), and under reports/evaluate/: models.csv and per_class_ap50.csv (DVC plots) with
+PNG charts for people.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import statistics
 import time
@@ -22,11 +32,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from PIL import Image
 from ultralytics import YOLO
 
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.outputs import atomic_path, print_summary, write_json, written
+from stages.common.outputs import (
+    atomic_path,
+    print_summary,
+    save_figure,
+    write_csv,
+    write_json,
+    written,
+)
 from stages.common.runtime import PROJECT_ROOT, cpu_threads
 
 # The checkpoints of the pipeline, in DAG order: name -> file written by its stage.
@@ -40,6 +58,32 @@ DEPLOY_RECORD = PROJECT_ROOT / "models" / "deploy" / "deploy.json"  # written by
 DEPLOYED_FROM = "distilled"  # the checkpoint trt_build deploys
 METRICS_OUT = PROJECT_ROOT / "reports" / "metrics.json"
 SUMMARY_OUT = PROJECT_ROOT / "reports" / "summary.md"
+REPORT_DIR = PROJECT_ROOT / "reports" / "evaluate"
+VAL_IMAGES = PROJECT_ROOT / "data" / "yolo" / "images" / "val"
+VAL_LABELS = PROJECT_ROOT / "data" / "yolo" / "labels" / "val"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+SIZES = ("small", "medium", "large")  # COCO area buckets: < 32², < 96², the rest
+TABLE_COLUMNS = (
+    "params_m",
+    "gflops",
+    "gmacs",
+    "ap50",
+    "map50_95",
+    "ap_small",
+    "ap_medium",
+    "ap_large",
+)
+MAX_DETECTIONS = 300  # per image, as ultralytics validation keeps (VisDrone frames hold > 100)
+# Columns of reports/evaluate/models.csv, the source of the accuracy-vs-cost DVC plots.
+MODEL_COLUMNS = (
+    "ap50",
+    "map50_95",
+    "ap_small",
+    "params_m",
+    "gflops",
+    "cpu_latency_ms",
+    "gpu_latency_ms",
+)
 
 SCHEMA = {
     "imgsz": P.COMMON["imgsz"],
@@ -54,11 +98,17 @@ SCHEMA = {
 }
 
 
-def torch_runner(model: torch.nn.Module, imgsz: int) -> Callable[[], object]:
-    """One fp32 CPU forward pass of a single image."""
-    model = model.float().cpu().eval()
-    x = torch.rand(1, 3, imgsz, imgsz)
-    return lambda: model(x)
+def torch_runner(model: torch.nn.Module, imgsz: int, device: str) -> Callable[[], object]:
+    """One fp32 forward pass of a single image, synchronised on a GPU so wall time is the GPU's."""
+    model = model.float().to(device).eval()
+    x = torch.rand(1, 3, imgsz, imgsz, device=device)
+
+    def run() -> None:
+        model(x)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    return run
 
 
 def onnx_runner(path: Path, shape: list[int]) -> Callable[[], object]:
@@ -105,21 +155,113 @@ def latency_ms(
     return times
 
 
-def accuracy(detector: YOLO, run_name: str, params: dict) -> dict[str, float]:
-    """AP50, mAP50-95, precision and recall on the val split (ultralytics validation)."""
+def coco_ground_truth(images_dir: Path, labels_dir: Path, nc: int) -> dict:
+    """COCO-format ground truth from YOLO label files, boxes in pixels of the original images.
+
+    Image ids are positions in name order; category ids are class + 1, as ultralytics writes them
+    in predictions.json for a non-COCO dataset.
+    """
+    images, annotations = [], []
+    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for image_id, image in enumerate(files):
+        with Image.open(image) as im:
+            width, height = im.size
+        images.append({"id": image_id, "file_name": image.name, "width": width, "height": height})
+        label = labels_dir / f"{image.stem}.txt"
+        for line in label.read_text().splitlines() if label.is_file() else []:
+            cls, xc, yc, w, h = line.split()
+            box = [
+                (float(xc) - float(w) / 2) * width,
+                (float(yc) - float(h) / 2) * height,
+                float(w) * width,
+                float(h) * height,
+            ]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(cls) + 1,
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": c + 1} for c in range(nc)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def coco_size_ap(
+    ground_truth: dict, predictions: list[dict], max_detections: int = MAX_DETECTIONS
+) -> dict[str, float | None]:
+    """COCO AP (mean over IoU 0.5:0.95, 101 recall points and categories) per object size.
+
+    ``predictions`` are COCO results (``file_name`` or ``image_id``, ``category_id``, ``bbox`` as
+    left, top, width, height, ``score``). A size with no ground-truth object gets None, as COCO's
+    -1 would be misread as a score.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ids = {image["file_name"]: image["id"] for image in ground_truth["images"]}
+    results = [
+        {
+            "image_id": ids[p["file_name"]] if "file_name" in p else p["image_id"],
+            "category_id": p["category_id"],
+            "bbox": list(p["bbox"]),
+            "score": p["score"],
+        }
+        for p in predictions
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        truth = COCO()
+        truth.dataset = deepcopy(ground_truth)
+        truth.createIndex()
+        if not results:  # loadRes cannot take an empty list: nothing detected, AP 0
+            results = [{"image_id": 0, "category_id": 1, "bbox": [0, 0, 0, 0], "score": 0.0}]
+        detected = truth.loadRes(results)
+        evaluation = COCOeval(truth, detected, "bbox")
+        evaluation.params.maxDets = [max_detections]
+        evaluation.evaluate()
+        evaluation.accumulate()
+    # precision[iou, recall, category, area, max_dets]; -1 where a category has no object of a size
+    precision = evaluation.eval["precision"]
+    out: dict[str, float | None] = {}
+    for index, label in enumerate(evaluation.params.areaRngLbl):
+        if label in SIZES:
+            valid = precision[:, :, :, index, -1]
+            valid = valid[valid > -1]
+            out[f"ap_{label}"] = round(float(valid.mean()), 4) if valid.size else None
+    return out
+
+
+def accuracy(
+    detector: YOLO, run_name: str, params: dict, ground_truth: dict
+) -> tuple[dict[str, float | None], dict[str, float]]:
+    """Headline accuracy (metrics.json) and per-class AP50 of one model on the val split."""
+    predictions_file = yolo.RUNS_DIR / run_name / "predictions.json"
+    predictions_file.unlink(missing_ok=True)  # ultralytics writes none when nothing is detected
     results = yolo.validate(
         detector,
         run_name,
         imgsz=params["imgsz"],
         batch=params["evaluate"]["batch"],
         device=params["device"],
+        max_det=MAX_DETECTIONS,
+        save_json=True,
     )
-    return {
+    predictions = json.loads(predictions_file.read_text()) if predictions_file.is_file() else []
+    headline = {
         "ap50": round(float(results.box.map50), 4),
         "map50_95": round(float(results.box.map), 4),
+        **coco_size_ap(ground_truth, predictions),
         "precision": round(float(results.box.mp), 4),
         "recall": round(float(results.box.mr), 4),
     }
+    per_class = {
+        detector.names[int(c)]: round(float(ap), 4)
+        for c, ap in zip(results.ap_class_index, results.box.ap50, strict=True)
+    }
+    return headline, per_class
 
 
 def size_metrics(model: torch.nn.Module, imgsz: int, file: Path) -> dict[str, float]:
@@ -137,35 +279,76 @@ def speed_metrics(times: list[float], images_per_pass: int, where: str) -> dict[
     return {f"{where}_latency_ms": round(per_image, 3), f"{where}_fps": round(1000 / per_image, 2)}
 
 
-def _latency_and_fps(m: dict) -> tuple[str, str]:
-    if "cpu_fps" in m:
-        return f"{m['cpu_latency_ms']:.2f}", f"{m['cpu_fps']:.1f}"
-    return f"GPU {m['gpu_latency_ms']:.2f}", f"GPU {m['gpu_fps']:.1f}"
+def _shown(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
-def summary_table(metrics: dict[str, dict[str, float]], imgsz: int) -> str:
+def summary_table(metrics: dict[str, dict], imgsz: int) -> str:
     """A Markdown table in the paper's shape, with changes relative to the baseline."""
     base = metrics["baseline"]
+    devices = [d for d in ("cpu", "gpu") if f"{d}_latency_ms" in base]
+    head = ["model", "params (M)", "FLOPs (G)", "MACs (G)", "AP50", "mAP50-95"]
+    head += ["AP small", "AP medium", "AP large"]
+    for d in devices:
+        head += [f"{d.upper()} ms", f"{d.upper()} FPS"]
+    head += ["params", "FLOPs"] + [f"{d.upper()} speedup" for d in devices]
     lines = [
-        f"Models on the val split at imgsz {imgsz}. FLOPs = 2 x MACs of the fused model. Latency: "
-        f"median per image (batch 1, fp32 on the CPU), models timed in turns in one run; "
-        f"speedup = baseline ms / model ms.",
+        f"Models on the val split at imgsz {imgsz}. FLOPs = 2 x MACs of the fused model. AP "
+        f"small/medium/large: COCO AP (IoU 0.5:0.95) of objects < 32², < 96², larger (pixels of "
+        f"the original image). Latency: median per image (batch 1, fp32), models on one device "
+        f"timed in turns in one run; speedup = baseline ms / model ms on the same device.",
         "",
-        "| model | params (M) | FLOPs (G) | MACs (G) | AP50 | mAP50-95 | ms | FPS "
-        "| params | FLOPs | speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
     ]
     for name, m in metrics.items():
-        speedup = (
-            f"{base['cpu_latency_ms'] / m['cpu_latency_ms']:.2f}x" if "cpu_fps" in m else "GPU"
-        )
-        lines.append(
-            f"| {name} | {m['params_m']:.3f} | {m['gflops']:.3f} | {m['gmacs']:.3f} | "
-            f"{m['ap50']:.3f} | {m['map50_95']:.3f} | {' | '.join(_latency_and_fps(m))} | "
-            f"{(m['params_m'] / base['params_m'] - 1) * 100:+.1f}% | "
-            f"{(m['gflops'] / base['gflops'] - 1) * 100:+.1f}% | {speedup} |"
-        )
+        cells = [name] + [_shown(m.get(k), ".3f") for k in TABLE_COLUMNS]
+        for d in devices:
+            cells += [_shown(m.get(f"{d}_latency_ms"), ".2f"), _shown(m.get(f"{d}_fps"), ".1f")]
+        cells += [f"{(m[k] / base[k] - 1) * 100:+.1f}%" for k in ("params_m", "gflops")]
+        for d in devices:
+            ms = m.get(f"{d}_latency_ms")
+            cells.append("–" if ms is None else f"{base[f'{d}_latency_ms'] / ms:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_models(metrics: dict[str, dict], path: Path) -> None:
+    """AP50 against latency and against params, one labelled point per model."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in (
+        (axes[0], "cpu_latency_ms", "CPU latency per image (ms)"),
+        (axes[1], "params_m", "params (M)"),
+    ):
+        for name, m in metrics.items():
+            if m.get(key) is not None:
+                ax.scatter(m[key], m["ap50"])
+                ax.annotate(name, (m[key], m["ap50"]), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel(label)
+        ax.set_ylabel("AP50")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("accuracy vs latency")
+    axes[1].set_title("accuracy vs size")
+    save_figure(fig, path)
+
+
+def plot_per_class(rows: list[dict], path: Path) -> None:
+    """Grouped bars: AP50 of every class for every model."""
+    import matplotlib.pyplot as plt
+
+    models = [k for k in rows[0] if k != "class"]
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 1.1), 4))
+    for i, model in enumerate(models):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, [r[model] or 0.0 for r in rows], width, label=model)
+    ax.set_xticks(range(len(rows)), [r["class"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("AP50")
+    ax.set_title("AP50 per class")
+    ax.legend(fontsize="small", ncols=len(models))
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -177,52 +360,85 @@ def main() -> None:
     record = json.loads(DEPLOY_RECORD.read_text())
     artifact = DEPLOY_RECORD.parent / record["artifact"]
     shape = record["input_shape"]
-    on_gpu = record["backend"] == "tensorrt"
+    on_gpu = params["device"] != "cpu" and torch.cuda.is_available()
+    if record["backend"] == "tensorrt" and not on_gpu:
+        raise RuntimeError(
+            f"{artifact} is a TensorRT engine but params.yaml device is {params['device']!r} or "
+            f"no CUDA GPU is visible: evaluate it on the machine it was built for."
+        )
 
     # Timed first, all together, before validation starts dataloader workers that compete.
-    runners = {
-        name: torch_runner(deepcopy(d.model).fuse(verbose=False), imgsz)
-        for name, d in detectors.items()
-    }
-    if not on_gpu:
-        runners["deployed"] = onnx_runner(artifact, shape)
-    times = latency_ms(runners, cfg["latency_warmup"], cfg["latency_repeats"])
+    fused = {name: deepcopy(d.model).fuse(verbose=False) for name, d in detectors.items()}
+    timed = {"cpu": {name: torch_runner(m, imgsz, "cpu") for name, m in fused.items()}}
+    if record["backend"] == "onnxruntime":
+        timed["cpu"]["deployed"] = onnx_runner(artifact, shape)
     if on_gpu:
-        engine = {"deployed": engine_runner(artifact, shape)}
-        times.update(latency_ms(engine, cfg["latency_warmup"], cfg["latency_repeats"]))
-
-    metrics = {
-        name: {
-            **accuracy(d, f"evaluate-{name}", params),
-            **size_metrics(d.model, imgsz, MODELS[name]),
-            **speed_metrics(times[name], 1, "cpu"),
+        timed["gpu"] = {  # copies: the CPU runners keep theirs on the CPU
+            name: torch_runner(deepcopy(m), imgsz, "cuda:0") for name, m in fused.items()
         }
-        for name, d in detectors.items()
+        if record["backend"] == "tensorrt":
+            timed["gpu"]["deployed"] = engine_runner(artifact, shape)
+    times = {
+        where: latency_ms(runners, cfg["latency_warmup"], cfg["latency_repeats"])
+        for where, runners in timed.items()
     }
-    metrics["deployed"] = {
-        **accuracy(YOLO(str(artifact), task="detect"), "evaluate-deployed", params),
-        **size_metrics(detectors[DEPLOYED_FROM].model, imgsz, artifact),
-        **speed_metrics(times["deployed"], shape[0], "gpu" if on_gpu else "cpu"),
-    }
+
+    ground_truth = coco_ground_truth(VAL_IMAGES, VAL_LABELS, len(detectors["baseline"].names))
+    evaluated = {**detectors, "deployed": YOLO(str(artifact), task="detect")}
+    files = {**MODELS, "deployed": artifact}
+    metrics, per_class = {}, {}
+    for name, detector in evaluated.items():
+        headline, per_class[name] = accuracy(detector, f"evaluate-{name}", params, ground_truth)
+        metrics[name] = {
+            **headline,
+            **size_metrics(
+                detectors[DEPLOYED_FROM if name == "deployed" else name].model, imgsz, files[name]
+            ),
+            **{
+                k: v
+                for where, runs in times.items()
+                if name in runs
+                for k, v in speed_metrics(
+                    runs[name], shape[0] if name == "deployed" else 1, where
+                ).items()
+            },
+        }
+    names = detectors["baseline"].names
+    class_rows = [
+        {"class": names[c], **{m: per_class[m].get(names[c]) for m in per_class}}
+        for c in sorted(names)
+    ]
+    model_rows = [
+        {"model": name, **{k: m.get(k) for k in MODEL_COLUMNS}} for name, m in metrics.items()
+    ]
     write_json(METRICS_OUT, metrics)
     with atomic_path(SUMMARY_OUT) as tmp:
         tmp.write_text(summary_table(metrics, imgsz))
+    write_csv(REPORT_DIR / "models.csv", model_rows)
+    write_csv(REPORT_DIR / "per_class_ap50.csv", class_rows)
+    plot_models(metrics, REPORT_DIR / "accuracy.png")
+    plot_per_class(class_rows, REPORT_DIR / "per_class_ap50.png")
 
     gap = metrics["deployed"]["ap50"] - metrics[DEPLOYED_FROM]["ap50"]
     rows = []
     for name, m in metrics.items():
-        ms, fps = _latency_and_fps(m)
+        speed = ", ".join(
+            f"{where.upper()} {m[f'{where}_latency_ms']:.2f} ms ({m[f'{where}_fps']:.0f} FPS)"
+            for where in times
+            if f"{where}_latency_ms" in m
+        )
         rows.append(
             (
                 name,
-                f"AP50 {m['ap50']:.3f}  mAP50-95 {m['map50_95']:.3f}  {m['params_m']:.2f} M "
-                f"params  {m['gflops']:.2f} GFLOPs  {ms} ms, {fps} FPS",
+                f"AP50 {m['ap50']:.3f}  mAP50-95 {m['map50_95']:.3f}  AP small "
+                f"{_shown(m['ap_small'], '.3f')}  {m['params_m']:.2f} M params  "
+                f"{m['gflops']:.2f} GFLOPs  {speed}",
             )
         )
     rows.append(
         ("deployed vs PyTorch", f"AP50 {gap:+.4f} ({record['backend']}, {record['precision']})")
     )
-    rows.append(written(METRICS_OUT, SUMMARY_OUT))
+    rows.append(written(METRICS_OUT, SUMMARY_OUT, REPORT_DIR))
     print_summary("evaluate", rows)
 
 

@@ -21,7 +21,8 @@ The coefficient s follows ``sparse_train.schedule``:
 
 Reads: models/baseline.pt, data/yolo. Writes: models/sparse.pt, reports/sparse_train/results.csv
 (ultralytics' per-epoch losses and val metrics plus the coefficient, the total |gamma| and the
-near-zero fraction), reports/sparse_train/sparsity.json (metrics), gamma_hist.png.
+near-zero fraction), reports/sparse_train/sparsity.json (metrics), gamma_hist.csv (|gamma|
+histogram before/after, a DVC plot) and gamma_hist.png.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.outputs import print_summary, save_figure, write_json, written
+from stages.common.outputs import print_summary, save_figure, write_csv, write_json, written
 from stages.common.runtime import PROJECT_ROOT
 
 BASELINE = PROJECT_ROOT / "models" / "baseline.pt"
@@ -192,14 +193,25 @@ class SparseTrainer(yolo.ModelKeepingTrainer):
         return metrics, fitness
 
 
-def plot_histogram(before: np.ndarray, after: np.ndarray, near_zero: float, path: Any) -> None:
+def gamma_histogram(before: np.ndarray, after: np.ndarray, bins: int = 80) -> list[dict]:
+    """Counts of |gamma| before and after sparse training over shared bins (a DVC plot source)."""
+    edges = np.linspace(0, max(before.max(), after.max(), 1e-12), bins + 1)
+    counts_before, _ = np.histogram(before, edges)
+    counts_after, _ = np.histogram(after, edges)
+    return [
+        {"gamma": round(float((lo + hi) / 2), 6), "baseline": int(b), "sparse": int(a)}
+        for lo, hi, b, a in zip(edges[:-1], edges[1:], counts_before, counts_after, strict=True)
+    ]
+
+
+def plot_histogram(rows: list[dict], near_zero: float, path: Any) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    top = max(before.max(), after.max())
-    bins = np.linspace(0, top, 80)
-    ax.hist(before, bins=bins, alpha=0.6, label="baseline")
-    ax.hist(after, bins=bins, alpha=0.6, label="after sparse training")
+    centers = [r["gamma"] for r in rows]
+    width = centers[1] - centers[0] if len(centers) > 1 else 1.0
+    for key, label in (("baseline", "baseline"), ("sparse", "after sparse training")):
+        ax.bar(centers, [r[key] for r in rows], width, alpha=0.6, label=label)
     ax.axvline(
         near_zero, color="k", linestyle="--", linewidth=1, label=f"near zero ({near_zero:g})"
     )
@@ -253,7 +265,9 @@ def main() -> None:
         "channels": int(gammas_after.size),
     }
     write_json(REPORT_DIR / "sparsity.json", metrics)
-    plot_histogram(gammas_before, gammas_after, near, REPORT_DIR / "gamma_hist.png")
+    histogram = gamma_histogram(gammas_before, gammas_after)
+    write_csv(REPORT_DIR / "gamma_hist.csv", histogram)
+    plot_histogram(histogram, near, REPORT_DIR / "gamma_hist.png")
     print_summary(
         f"sparse_train ({cfg['schedule']}, s={cfg['coefficient']:g})",
         [

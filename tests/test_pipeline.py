@@ -88,9 +88,23 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return repo, env
 
 
+def _commit_results(repo: Path, env: dict[str, str]) -> None:
+    """Commit dvc.lock and the reports, as a user does after `dvc repro`."""
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "results"], repo, env)
+
+
+def _reproduced(repo: Path, env: dict[str, str]) -> None:
+    """The first test's state, for a test run on its own: reproduced and committed."""
+    if not (repo / "dvc.lock").exists():
+        _run([sys.executable, "-m", "dvc", "repro"], repo, env)
+        _commit_results(repo, env)
+
+
 def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict]) -> None:
     repo, env = tiny_repo
     out = _run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    _commit_results(repo, env)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in out
 
@@ -102,6 +116,14 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     assert set(all_metrics) == {"baseline", "sparse", "pruned", "distilled", "deployed"}
     metrics = all_metrics["baseline"]
     assert 0.0 <= metrics["ap50"] <= 1.0
+    assert {"ap_small", "ap_medium", "ap_large", "cpu_latency_ms", "file_mb"} <= set(metrics)
+    per_class = (repo / "reports/evaluate/per_class_ap50.csv").read_text().splitlines()
+    assert per_class[0] == "class,baseline,sparse,pruned,distilled,deployed"
+    assert len(per_class) == 11  # the ten VisDrone classes
+    models = (repo / "reports/evaluate/models.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in models[1:]] == list(all_metrics)
+    for png in ("accuracy.png", "per_class_ap50.png"):
+        assert (repo / "reports/evaluate" / png).stat().st_size > 1000
     assert metrics["params_m"] > 1.0 and metrics["gflops"] > 0 and metrics["cpu_fps"] > 0
     # Sparse training alone removes nothing.
     assert all_metrics["sparse"]["params_m"] == metrics["params_m"]
@@ -112,6 +134,8 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     for column in ("sparsity/coefficient", "sparsity/gamma_l1", "sparsity/near_zero"):
         assert column in sparse_header
     assert (repo / "reports/sparse_train/gamma_hist.png").stat().st_size > 1000
+    histogram = (repo / "reports/sparse_train/gamma_hist.csv").read_text().splitlines()
+    assert histogram[0] == "gamma,baseline,sparse" and len(histogram) == 81
 
     pruned = json.loads((repo / "reports/prune/prune.json").read_text())
     assert pruned["params_after_m"] < pruned["params_before_m"]
@@ -146,8 +170,7 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
 
 def test_second_repro_is_a_no_op(tiny_repo: tuple[Path, dict]) -> None:
     repo, env = tiny_repo
-    if not (repo / "dvc.lock").exists():
-        _run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    _reproduced(repo, env)
     out = _run([sys.executable, "-m", "dvc", "repro"], repo, env)
     assert "Running stage" not in out
     status = _run([sys.executable, "-m", "dvc", "status"], repo, env)
@@ -167,11 +190,45 @@ def test_changing_one_param_reruns_exactly_its_stage_and_downstream(
     tiny_repo: tuple[Path, dict], override: str, first_stale: str
 ) -> None:
     repo, env = tiny_repo
-    if not (repo / "dvc.lock").exists():
-        _run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    _reproduced(repo, env)
     out = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", override], repo, env)
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]
     assert ran == list(STAGES[STAGES.index(first_stale) :])
+
+
+def test_an_experiment_shows_in_metrics_diff_plots_diff_pr_comment_and_pareto(
+    tiny_repo: tuple[Path, dict],
+) -> None:
+    repo, env = tiny_repo
+    _reproduced(repo, env)
+    dvc = [sys.executable, "-m", "dvc"]
+    _run([*dvc, "exp", "run", "-n", "ratio-half", "-S", "prune.ratio=0.5"], repo, env)
+
+    diff = json.loads(_run([*dvc, "metrics", "diff", "HEAD", "--json"], repo, env))
+    ratio = diff["reports/prune/prune.json"]["ratio_requested"]
+    assert (ratio["old"], ratio["new"]) == (0.6, 0.5)
+    assert "pruned.params_m" in diff["reports/metrics.json"]
+    table = _run([*dvc, "metrics", "diff", "HEAD", "--md"], repo, env)
+    assert "| reports/prune/prune.json" in table and "ratio_requested" in table
+
+    plots = json.loads(_run([*dvc, "plots", "diff", "HEAD", "--json"], repo, env))
+    assert not plots.get("errors"), plots["errors"]
+    for title in ("accuracy vs params", "channels kept per layer", "reports/evaluate/accuracy.png"):
+        assert title in plots["data"]
+    rendered = repo.parent / "plots"
+    _run([*dvc, "plots", "diff", "HEAD", "-o", str(rendered)], repo, env)
+    assert "accuracy vs CPU latency" in (rendered / "index.html").read_text()
+
+    comment = _run([sys.executable, "-m", "stages.tools.pr_comment", "--base", "HEAD"], repo, env)
+    assert "| params.yaml | prune.ratio" in comment and "ratio_requested" in comment
+    assert "![AP50 per class](reports/evaluate/per_class_ap50.png)" in comment
+
+    sweep = repo.parent / "sweep"
+    _run([sys.executable, "-m", "stages.tools.pareto", "--out", str(sweep)], repo, env)
+    rows = (sweep / "pareto.csv").read_text().splitlines()
+    assert rows[0].startswith("experiment,") and "prune.ratio" in rows[0]
+    assert any(row.startswith("ratio-half,") for row in rows[1:]) and len(rows) >= 3
+    assert (sweep / "pareto.png").stat().st_size > 1000
 
 
 def test_bad_params_fail_the_stage_with_a_clear_message(tiny_repo: tuple[Path, dict]) -> None:

@@ -83,5 +83,9 @@ def print_summary(title: str, rows: Sequence[tuple[str, Any]]) -> None:
 
 def written(*paths: Path) -> tuple[str, str]:
     """The summary row that names a stage's outputs, relative to the project (folders end in /)."""
-    shown = (f"{p.relative_to(PROJECT_ROOT)}{'/' if p.is_dir() else ''}" for p in paths)
+    shown = (
+        f"{p.relative_to(PROJECT_ROOT) if p.is_relative_to(PROJECT_ROOT) else p}"
+        f"{'/' if p.is_dir() else ''}"
+        for p in paths
+    )
     return ("written", ", ".join(shown))

@@ -18,7 +18,7 @@ import torch
 import ultralytics.utils as ul_utils
 import ultralytics.utils.torch_utils as ul_torch_utils
 from ultralytics import YOLO
-from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.nn.tasks import DetectionModel
 
 from stages.common import layers  # noqa: F401  (classes pruned checkpoints unpickle to)
@@ -173,6 +173,14 @@ def val_ap50(model: YOLO, run_name: str, params: dict) -> float:
     )
 
 
+class PredictionsValidator(DetectionValidator):
+    """Detection validation that, with ``save_json=True``, writes predictions.json for our own
+    COCO evaluation (stages/evaluate.py) and skips ultralytics' faster-coco-eval pass."""
+
+    def eval_json(self, stats: dict[str, Any]) -> dict[str, Any]:
+        return stats
+
+
 def validate(model: YOLO, run_name: str, **args: Any) -> Any:
     """ultralytics validation on the val split; returns its DetMetrics.
 
@@ -181,6 +189,7 @@ def validate(model: YOLO, run_name: str, **args: Any) -> Any:
     static-shape models cannot do, so their AP50 would not be comparable.
     """
     return model.val(
+        validator=PredictionsValidator,
         data=str(check_dataset()),
         split="val",
         rect=False,

@@ -1,0 +1,193 @@
+"""Collect DVC experiments into accuracy-vs-latency and accuracy-vs-params Pareto charts.
+
+A sweep, then the chart::
+
+    dvc exp run --queue -S prune.ratio=0.3,0.5,0.7
+    dvc queue start -j 1          # -j N runs N at once (each needs its own cores)
+    python -m stages.tools.pareto  # experiments based on HEAD; --all-commits for every commit
+
+Each experiment (and its base commit) is one point: the chosen model's AP50 (``--model``,
+default the deployed one) against its latency and its params, read from the experiment's
+reports/metrics.json. A point is on the Pareto front when no other point is at least as cheap
+and at least as accurate, and strictly better in one of the two. Writes
+reports/sweep/pareto.csv and pareto.png (not DVC outputs: a view over experiments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from stages.common.outputs import print_summary, save_figure, write_csv, written
+from stages.common.runtime import PROJECT_ROOT
+
+METRICS_FILE = "reports/metrics.json"
+OUT_DIR = PROJECT_ROOT / "reports" / "sweep"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def experiments(exp_show: list[dict]) -> list[dict]:
+    """Flatten ``dvc exp show --json`` into one entry per commit and experiment.
+
+    Each entry: ``name`` (the experiment's name, else the commit's branch or short hash),
+    ``params`` (params.yaml, dotted keys) and ``metrics`` (reports/metrics.json), or ``error``.
+    The workspace entry is left out: after `dvc exp run` it repeats the last experiment.
+    """
+
+    def entry(rev: dict) -> dict:
+        data = rev.get("data") or {}
+        params = data.get("params", {}).get("params.yaml", {}).get("data")
+        metrics = data.get("metrics", {}).get(METRICS_FILE, {}).get("data")
+        error = rev.get("error") or (None if params and metrics else "no params or metrics")
+        return {
+            "name": rev.get("name") or rev["rev"][:7],
+            "params": _flatten(params or {}),
+            "metrics": metrics or {},
+            "error": error,
+        }
+
+    found = []
+    for commit in exp_show:
+        if commit["rev"] == "workspace":
+            continue
+        found.append(entry(commit))
+        for experiment in commit.get("experiments") or []:
+            found.extend(entry(rev) for rev in experiment.get("revs") or [])
+    return found
+
+
+def pareto_front(costs: Sequence[float], accuracies: Sequence[float]) -> list[bool]:
+    """For each point, whether no other point dominates it (cheaper-or-equal and
+    at-least-as-accurate, strictly better in one)."""
+    points = list(zip(costs, accuracies, strict=True))
+    return [
+        not any(
+            c2 <= c and a2 >= a and (c2 < c or a2 > a)
+            for j, (c2, a2) in enumerate(points)
+            if j != i
+        )
+        for i, (c, a) in enumerate(points)
+    ]
+
+
+def sweep_rows(found: list[dict], model: str) -> list[dict]:
+    """One row per usable experiment: the params that differ between them and the model's
+    accuracy and cost, with Pareto flags for latency and for params."""
+    usable = [e for e in found if not e["error"] and model in e["metrics"]]
+    varying = sorted(
+        {
+            k
+            for e in usable
+            for k in e["params"]
+            if len({str(u["params"].get(k)) for u in usable}) > 1
+        }
+    )
+    rows = []
+    for e in usable:
+        m = e["metrics"][model]
+        device = "cpu" if "cpu_latency_ms" in m else "gpu"
+        rows.append(
+            {
+                "experiment": e["name"],
+                **{k: e["params"].get(k) for k in varying},
+                "ap50": m["ap50"],
+                "map50_95": m["map50_95"],
+                "params_m": m["params_m"],
+                "gflops": m["gflops"],
+                "latency_ms": m[f"{device}_latency_ms"],
+                "latency_device": device,
+            }
+        )
+    for cost in ("latency_ms", "params_m"):
+        flags = pareto_front([r[cost] for r in rows], [r["ap50"] for r in rows])
+        for row, flag in zip(rows, flags, strict=True):
+            row[f"front_{cost.split('_')[0]}"] = flag
+    return rows
+
+
+def plot_pareto(rows: list[dict], model: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, cost, label in (
+        (axes[0], "latency_ms", f"{rows[0]['latency_device'].upper()} latency per image (ms)"),
+        (axes[1], "params_m", "params (M)"),
+    ):
+        front = sorted((r for r in rows if r[f"front_{cost.split('_')[0]}"]), key=lambda r: r[cost])
+        ax.scatter([r[cost] for r in rows], [r["ap50"] for r in rows], color="tab:gray")
+        ax.plot(
+            [r[cost] for r in front],
+            [r["ap50"] for r in front],
+            "o-",
+            color="tab:red",
+            label="Pareto front",
+        )
+        for r in rows:
+            ax.annotate(
+                r["experiment"],
+                (r[cost], r["ap50"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize="small",
+            )
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"AP50 ({model})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_title("accuracy vs latency")
+    axes[1].set_title("accuracy vs params")
+    save_figure(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="deployed", help="model of reports/metrics.json")
+    parser.add_argument("--all-commits", action="store_true", help="experiments of every commit")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the CSV and PNG")
+    args = parser.parse_args(argv)
+
+    command = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if args.all_commits else [])
+    shown = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if shown.returncode != 0:
+        sys.exit(f"`{' '.join(command)}` failed:\n{shown.stderr}")
+    found = experiments(json.loads(shown.stdout))
+    rows = sweep_rows(found, args.model)
+    if not rows:
+        sys.exit(
+            f"no experiment has {METRICS_FILE} metrics for {args.model!r}: run some first, e.g. "
+            f"`dvc exp run --queue -S prune.ratio=0.3,0.5,0.7 && dvc queue start`."
+        )
+    out = args.out.resolve()
+    write_csv(out / "pareto.csv", rows)
+    plot_pareto(rows, args.model, out / "pareto.png")
+    summary = [
+        (
+            r["experiment"],
+            f"AP50 {r['ap50']:.3f}  {r['latency_ms']:.2f} ms  {r['params_m']:.3f} M params"
+            + ("  [front: latency]" if r["front_latency"] else "")
+            + ("  [front: params]" if r["front_params"] else ""),
+        )
+        for r in rows
+    ]
+    skipped = [e["name"] for e in found if e["error"] or args.model not in e["metrics"]]
+    if skipped:
+        summary.append(("skipped (failed or no metrics)", ", ".join(skipped)))
+    summary.append(written(out / "pareto.csv", out / "pareto.png"))
+    print_summary(f"pareto ({len(rows)} experiments, model {args.model})", summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""evaluate's COCO size AP, ground truth and summary table, against hand computations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stages.dataset import convert_split
+from stages.evaluate import coco_ground_truth, coco_size_ap, summary_table
+from tests.conftest import VISDRONE_SAMPLE
+
+
+def _truth(boxes: list[tuple[float, float, float, float, int]]) -> dict:
+    """One 640x640 image holding ``boxes`` (left, top, width, height, category id)."""
+    return {
+        "images": [{"id": 0, "file_name": "a.jpg", "width": 640, "height": 640}],
+        "annotations": [
+            {
+                "id": i + 1,
+                "image_id": 0,
+                "category_id": c,
+                "bbox": [x, y, w, h],
+                "area": w * h,
+                "iscrowd": 0,
+            }
+            for i, (x, y, w, h, c) in enumerate(boxes)
+        ],
+        "categories": [{"id": 1}, {"id": 2}],
+    }
+
+
+def _detections(boxes: list[tuple[float, float, float, float, int]], scores: list[float]) -> list:
+    return [
+        {"file_name": "a.jpg", "category_id": c, "bbox": [x, y, w, h], "score": s}
+        for (x, y, w, h, c), s in zip(boxes, scores, strict=True)
+    ]
+
+
+SMALL_A, SMALL_B = (10, 10, 10, 10, 1), (100, 100, 12, 12, 1)
+MEDIUM = (300, 300, 50, 50, 2)  # 2500 px²: between 32² and 96²
+
+
+def test_exact_detections_score_one_and_an_absent_size_is_none() -> None:
+    truth = _truth([SMALL_A, SMALL_B, MEDIUM])
+    ap = coco_size_ap(truth, _detections([SMALL_A, SMALL_B, MEDIUM], [0.9, 0.8, 0.7]))
+    assert ap == {"ap_small": 1.0, "ap_medium": 1.0, "ap_large": None}
+
+
+def test_a_missed_size_scores_zero_without_touching_the_others() -> None:
+    truth = _truth([SMALL_A, SMALL_B, MEDIUM])
+    ap = coco_size_ap(truth, _detections([SMALL_A, SMALL_B], [0.9, 0.8]))
+    assert ap["ap_small"] == 1.0 and ap["ap_medium"] == 0.0
+
+
+def test_a_false_positive_ranked_first_matches_the_hand_computed_ap() -> None:
+    # Ranked: a false positive (precision 0 at recall 0), then one of the two objects (precision
+    # 0.5 at recall 0.5); the other object is never found. COCO's interpolated precision is 0.5
+    # at the 51 recall points 0, 0.01, ..., 0.5 and 0 at the other 50: AP = 0.5 * 51 / 101 at
+    # every IoU threshold, since the one match is exact.
+    truth = _truth([SMALL_A, SMALL_B])
+    far_away = (500, 500, 10, 10, 1)
+    ap = coco_size_ap(truth, _detections([far_away, SMALL_A], [0.95, 0.9]))
+    assert ap["ap_small"] == pytest.approx(round(0.5 * 51 / 101, 4), abs=1e-9)
+
+
+def test_no_detections_at_all_is_zero_not_an_error() -> None:
+    assert coco_size_ap(_truth([SMALL_A, MEDIUM]), [])["ap_small"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def real_truth(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """COCO ground truth of the real sample after our converter."""
+    if not (VISDRONE_SAMPLE / "images").is_dir():
+        pytest.skip(f"the real VisDrone sample is not at {VISDRONE_SAMPLE}")
+    converted = tmp_path_factory.mktemp("converted")
+    convert_split(VISDRONE_SAMPLE, converted, "val")
+    return coco_ground_truth(converted / "images" / "val", converted / "labels" / "val", 10)
+
+
+def test_ground_truth_from_converted_real_labels_is_in_original_pixels(real_truth: dict) -> None:
+    """Boxes that lie inside their image come back exactly as the raw annotation drew them."""
+    truth = real_truth
+    assert len(truth["images"]) == 137 and len(truth["annotations"]) == 10_122
+
+    image = truth["images"][0]
+    raw = (VISDRONE_SAMPLE / "annotations" / f"{Path(image['file_name']).stem}.txt").read_text()
+    inside = []
+    for line in raw.splitlines():
+        left, top, w, h, _score, category = (int(f) for f in line.rstrip(",").split(",")[:6])
+        if 1 <= category <= 10 and left + w <= image["width"] and top + h <= image["height"]:
+            inside.append((left, top, w, h, category))
+    got = [(*a["bbox"], a["category_id"]) for a in truth["annotations"] if a["image_id"] == 0]
+    assert len(inside) > 20
+    for box in inside:
+        assert any(all(abs(g - b) < 0.01 for g, b in zip(g_box, box, strict=True)) for g_box in got)
+
+
+def test_crowded_real_frames_need_more_than_100_detections(real_truth: dict) -> None:
+    """Perfect detections score 1 only when every object of a crowded frame may be kept."""
+    truth = real_truth
+    assert (
+        max(sum(a["image_id"] == i["id"] for a in truth["annotations"]) for i in truth["images"])
+        > 100
+    )
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1}
+        for a in truth["annotations"]
+    ]
+    assert coco_size_ap(truth, perfect) == {"ap_small": 1.0, "ap_medium": 1.0, "ap_large": 1.0}
+    assert coco_size_ap(truth, perfect, max_detections=100)["ap_small"] < 1.0
+
+
+def test_summary_table_reductions_and_speedups() -> None:
+    def model(params: float, gflops: float, ms: float | None) -> dict:
+        row = {"params_m": params, "gflops": gflops, "gmacs": gflops / 2, "ap50": 0.5}
+        row |= {"map50_95": 0.3, "ap_small": 0.2, "ap_medium": 0.4, "ap_large": None}
+        return row | ({} if ms is None else {"cpu_latency_ms": ms, "cpu_fps": 1000 / ms})
+
+    table = summary_table(
+        {
+            "baseline": model(4.0, 2.0, 10.0),
+            "pruned": model(1.0, 1.5, 4.0),
+            "engine": model(1.0, 1.5, None),
+        },
+        256,
+    )
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert "| -75.0% | -25.0% | 2.50x |" in rows["pruned"]
+    assert rows["engine"].endswith("| – | – | -75.0% | -25.0% | – |")
+    assert "| 0.200 | 0.400 | – |" in rows["baseline"]  # AP large: no such objects

@@ -1,0 +1,88 @@
+"""The experiment tools: Pareto front and experiment parsing, and the PR comment's Markdown."""
+
+from __future__ import annotations
+
+import random
+
+from stages.tools.pareto import experiments, pareto_front, sweep_rows
+from stages.tools.pr_comment import build_comment
+
+
+def test_pareto_front_by_hand() -> None:
+    # (cost, accuracy): b is cheaper and better than c; d ties a on cost but is worse.
+    costs = [1.0, 2.0, 3.0, 1.0, 4.0]
+    accuracies = [0.5, 0.7, 0.6, 0.4, 0.9]
+    assert pareto_front(costs, accuracies) == [True, True, False, False, True]
+    assert pareto_front([1.0, 1.0], [0.5, 0.5]) == [True, True]  # equal points dominate nothing
+
+
+def test_pareto_front_matches_a_reference_by_cost_levels() -> None:
+    """Independent formulation: a point is on the front iff it beats every strictly cheaper
+    point and is the best of the points of its own cost."""
+    rng = random.Random(0)
+    for _ in range(200):
+        points = [(rng.randint(1, 5), rng.randint(1, 5)) for _ in range(rng.randint(1, 9))]
+        expected = [
+            a > max((a2 for c2, a2 in points if c2 < c), default=0)
+            and a == max(a2 for c2, a2 in points if c2 == c)
+            for c, a in points
+        ]
+        got = pareto_front([c for c, _ in points], [a for _, a in points])
+        assert got == expected, points
+
+
+def _rev(name: str | None, rev: str, ratio: float, ap50: float, ms: float) -> dict:
+    metrics = {"deployed": {"ap50": ap50, "map50_95": ap50 / 2, "params_m": ratio, "gflops": 1.0}}
+    metrics["deployed"]["cpu_latency_ms"] = ms
+    return {
+        "rev": rev,
+        "name": name,
+        "error": None,
+        "data": {
+            "params": {"params.yaml": {"data": {"seed": 0, "prune": {"ratio": ratio}}}},
+            "metrics": {"reports/metrics.json": {"data": metrics}},
+        },
+    }
+
+
+def test_experiments_flatten_dvc_exp_show_and_keep_only_varying_params() -> None:
+    # The shape of `dvc exp show --json` (DVC 3): commits, each with experiments with revs.
+    failed = {"rev": "f" * 40, "name": "broken", "error": {"msg": "failed"}, "data": {}}
+    shown = [
+        {**_rev(None, "workspace", 0.6, 0.7, 9.0), "experiments": None},
+        {
+            **_rev("main", "a" * 40, 0.6, 0.7, 9.0),
+            "experiments": [
+                {"name": "r7", "revs": [_rev("r7", "b" * 40, 0.7, 0.65, 8.0)]},
+                {"name": None, "revs": [_rev(None, "c" * 40, 0.5, 0.6, 9.5)]},
+                {"name": "broken", "revs": [failed]},
+            ],
+        },
+    ]
+    found = experiments(shown)
+    assert [e["name"] for e in found] == ["main", "r7", "ccccccc", "broken"]
+    assert found[1]["params"]["prune.ratio"] == 0.7 and found[3]["error"]
+    rows = sweep_rows(found, "deployed")
+    assert [r["experiment"] for r in rows] == ["main", "r7", "ccccccc"]
+    assert {k for k in rows[0] if "." in k} == {"prune.ratio"}  # seed never varies
+    assert [r["front_latency"] for r in rows] == [True, True, False]
+
+
+def test_pr_comment_has_every_section_and_says_when_nothing_changed() -> None:
+    header_only = "| Path | Metric | main | workspace | Change |\n|---|---|---|---|---|\n"
+    changed = header_only + "| reports/metrics.json | pruned.ap50 | 0.6 | 0.7 | 0.1 |\n"
+    comment = build_comment(
+        "origin/main",
+        header_only,
+        changed,
+        "| model |\n|---|\n| baseline |",
+        {"Accuracy": "reports/evaluate/accuracy.png"},
+    )
+    assert comment.startswith("## Compression pipeline: this PR vs `origin/main`")
+    assert "No params changed." in comment
+    assert "| reports/metrics.json | pruned.ap50 | 0.6 | 0.7 | 0.1 |" in comment
+    assert "| baseline |" in comment
+    assert "![Accuracy](reports/evaluate/accuracy.png)" in comment
+    bare = build_comment("HEAD", "", "", "", {})
+    assert "No metric changed." in bare and "did `dvc repro` run?" in bare and "###" in bare
+    assert "Plots" not in bare
