@@ -17,13 +17,17 @@ from stages.common.runtime import PROJECT_ROOT
 MODEL_OUT = PROJECT_ROOT / "models" / "baseline.pt"
 RESULTS_OUT = PROJECT_ROOT / "reports" / "baseline" / "results.csv"
 
-SCHEMA = {**P.COMMON, "baseline": P.Section({"model": P.Str(), **yolo.TRAINING})}
+SHA256 = P.Pattern(r"|[0-9a-fA-F]{64}", "'' (not checked) or the 64 hex digits of a sha256")
+SCHEMA = {
+    **P.COMMON,
+    "baseline": P.Section({"model": P.Str(), "weights_sha256": SHA256, **yolo.TRAINING}),
+}
 
 
 def main() -> None:
     params = P.load(SCHEMA)
     section = params["baseline"]
-    source = yolo.check_model_source("baseline.model", section["model"])
+    source = yolo.check_model_source("baseline.model", section["model"], section["weights_sha256"])
     args = yolo.training_args(params, section)
     yolo.check_dataset()
 

@@ -37,6 +37,7 @@ from ultralytics import YOLO
 
 from stages.common import params as P
 from stages.common import yolo
+from stages.common.images import VAL_IMAGES
 from stages.common.outputs import (
     atomic_path,
     print_summary,
@@ -59,8 +60,7 @@ DEPLOYED_FROM = "distilled"  # the checkpoint trt_build deploys
 METRICS_OUT = PROJECT_ROOT / "reports" / "metrics.json"
 SUMMARY_OUT = PROJECT_ROOT / "reports" / "summary.md"
 REPORT_DIR = PROJECT_ROOT / "reports" / "evaluate"
-VAL_IMAGES = PROJECT_ROOT / "data" / "yolo" / "images" / "val"
-VAL_LABELS = PROJECT_ROOT / "data" / "yolo" / "labels" / "val"
+VAL_LABELS = VAL_IMAGES.parents[1] / "labels" / "val"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 SIZES = ("small", "medium", "large")  # COCO area buckets: < 32², < 96², the rest
 TABLE_COLUMNS = (

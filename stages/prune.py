@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -583,19 +583,27 @@ def main() -> None:
     print_summary("prune", lines)
 
 
-def size_sweep(cfg: str, ratios: Iterable[float], sizes: Iterable[int] = (640, 1024)) -> list[dict]:
-    """Params, FLOPs and MACs of ``cfg`` (10 classes) pruned uniformly at each ratio.
+def uniformly_pruned(cfg: str, ratios: Iterable[float]) -> Iterator[tuple[float, nn.Module]]:
+    """A freshly built ``cfg`` (10 classes) as it is (ratio 0.0), then pruned uniformly at each
+    ratio; each model is a new copy.
 
-    Uniform pruning of a freshly built model: the counts depend only on the ratio, not on
-    weights, which is what a size budget such as the paper's 6.85M params needs.
+    Uniform pruning of a fresh model: its shapes (and so its size and speed) depend only on the
+    ratio, not on weights, which is what a size budget or a speed benchmark needs.
     """
     base = make_prunable(DetectionModel(cfg, nc=10, verbose=False).eval())
+    yield 0.0, deepcopy(base)
     graph = trace(base)
-    rows = []
     for ratio in ratios:
         model = deepcopy(base)
         chosen = plan(graph, bn_gammas(model), ratio, "uniform", 8, 8)
         apply(model, graph, chosen.removed, torch.rand(1, 3, 64, 64))
+        yield ratio, model
+
+
+def size_sweep(cfg: str, ratios: Iterable[float], sizes: Iterable[int] = (640, 1024)) -> list[dict]:
+    """Params, FLOPs and MACs of ``cfg`` unpruned and pruned uniformly at each ratio."""
+    rows = []
+    for ratio, model in uniformly_pruned(cfg, ratios):
         row = {"model": cfg, "ratio": ratio}
         for size in sizes:
             counted = yolo.model_size(model, size)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib
+import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from stages.common import params as P
+from stages.common import yolo
 from tests.conftest import PROJECT_ROOT, STAGES
 
 
@@ -170,3 +174,33 @@ def test_malformed_params_file(tmp_path) -> None:
         P.load({"seed": P.Int(0)}, bad)
     with pytest.raises(P.ParamsError, match="not found"):
         P.load({"seed": P.Int(0)}, tmp_path / "nope.yaml")
+
+
+class _TouchOnUnpickle:
+    """Unpickling it creates a file: proof that something loaded the checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_weights_are_hashed_before_they_are_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    weights = tmp_path / "pretrained.pt"
+    weights.write_bytes(pickle.dumps(_TouchOnUnpickle(marker)))
+    right = hashlib.sha256(weights.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match=f"sha256 is {right}, not the expected {'0' * 64}"):
+        yolo.check_model_source("baseline.model", str(weights), "0" * 64)
+    assert not marker.exists()
+    assert yolo.check_model_source("baseline.model", str(weights), right.upper()) == str(weights)
+    assert not marker.exists()  # checking never loads it either
+
+
+def test_a_sha256_for_a_config_or_a_malformed_one_is_refused() -> None:
+    with pytest.raises(P.ParamsError, match=r"a sha256 is given for baseline\.model"):
+        yolo.check_model_source("baseline.model", "yolov8n.yaml", "a" * 64)
+    expect_param_error(
+        _schema("baseline"), "baseline", "weights_sha256", "abc123", "64 hex digits of a sha256"
+    )

@@ -1,11 +1,18 @@
-"""The experiment tools: Pareto front and experiment parsing, and the PR comment's Markdown."""
+"""The tools: Pareto front and experiment parsing, the PR comment's Markdown, profile switching."""
 
 from __future__ import annotations
 
+import importlib
 import random
 
+import pytest
+import yaml
+
+from stages.common import params as P
 from stages.tools.pareto import experiments, pareto_front, sweep_rows
 from stages.tools.pr_comment import build_comment
+from stages.tools.profile import apply_profile, load_profile, profiles
+from tests.conftest import PROJECT_ROOT, STAGES
 
 
 def test_pareto_front_by_hand() -> None:
@@ -86,3 +93,48 @@ def test_pr_comment_has_every_section_and_says_when_nothing_changed() -> None:
     bare = build_comment("HEAD", "", "", "", {})
     assert "No metric changed." in bare and "did `dvc repro` run?" in bare and "###" in bare
     assert "Plots" not in bare
+
+
+def test_profile_switch_and_back_restores_params_yaml_byte_for_byte() -> None:
+    original = (PROJECT_ROOT / "params.yaml").read_text()
+    paper, changes = apply_profile(original, load_profile("visdrone"))
+    changed = {key: new for key, _, new in changes}
+    assert changed["baseline.model"] == "data/raw/yolov8m.pt" and changed["imgsz"] == 640
+    assert changed["prune.method"] == "uniform" and changed["dataset.source"] == "visdrone"
+    assert "device: '0'" in paper  # a string that must stay a string
+    assert "# square input size" in paper  # comments survive
+    back, _ = apply_profile(paper, load_profile("default"))
+    assert back == original
+
+
+def test_default_profile_is_what_params_yaml_holds_and_covers_every_other_profile() -> None:
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    default = load_profile("default")
+
+    def keys(tree: dict, prefix: str = "") -> set[str]:
+        found = set()
+        for k, v in tree.items():
+            found |= keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+        return found
+
+    def value(tree: dict, dotted: str) -> object:
+        for part in dotted.split("."):
+            tree = tree[part]
+        return tree
+
+    for key in keys(default):
+        assert value(default, key) == value(params, key), key
+    for name in profiles():
+        assert keys(load_profile(name)) <= keys(default), name
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_paper_profile_passes_every_stage_validation(stage: str) -> None:
+    paper, _ = apply_profile((PROJECT_ROOT / "params.yaml").read_text(), load_profile("visdrone"))
+    schema = importlib.import_module(f"stages.{stage}").SCHEMA
+    P.validate(schema, yaml.safe_load(paper))
+
+
+def test_a_profile_key_params_yaml_lacks_is_refused() -> None:
+    with pytest.raises(KeyError, match=r"prune\.ratoi"):
+        apply_profile((PROJECT_ROOT / "params.yaml").read_text(), {"prune": {"ratoi": 0.5}})

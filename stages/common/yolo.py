@@ -7,6 +7,7 @@ every core (ultralytics resets torch to cpu_count - 1 threads whenever it select
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from copy import deepcopy
@@ -60,9 +61,18 @@ ul_utils.NUM_THREADS = ul_torch_utils.NUM_THREADS = cpu_threads()
 torch.set_num_threads(cpu_threads())
 
 
-def check_model_source(key: str, value: str) -> str:
-    """A model to start from: a yolov8{n,s,m,l,x}.yaml name or an existing local .pt file."""
+def check_model_source(key: str, value: str, sha256: str = "") -> str:
+    """A model to start from: a yolov8{n,s,m,l,x}.yaml name or an existing local .pt file.
+
+    With ``sha256``, a .pt file is hashed and compared before anything unpickles it: a
+    checkpoint from outside the pipeline is never loaded unverified when a hash is given.
+    """
     if MODEL_CFG.match(value):
+        if sha256:
+            raise P.ParamsError(
+                f"params.yaml: a sha256 is given for {key} = {value!r}, which is a config, not a "
+                f"weights file: set the sha256 to '' or {key} to the .pt it belongs to."
+            )
         return value
     path = PROJECT_ROOT / value
     if value.endswith(".pt"):
@@ -71,11 +81,27 @@ def check_model_source(key: str, value: str) -> str:
                 f"params.yaml: {key} = {value!r}: no such file. Put the weights there (nothing is "
                 f"downloaded) or use a config name such as 'yolov8n.yaml' to train from scratch."
             )
+        if sha256:
+            verify_sha256(path, sha256)
         return str(path)
     raise P.ParamsError(
         f"params.yaml: {key} = {value!r} is not a known model: expected one of yolov8n.yaml, "
         f"yolov8s.yaml, yolov8m.yaml, yolov8l.yaml, yolov8x.yaml or a local .pt path."
     )
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Raise if the file's sha256 is not ``expected`` (read in chunks; nothing is unpickled)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected.lower():
+        raise ValueError(
+            f"{path}: sha256 is {digest.hexdigest()}, not the expected {expected.lower()}. The "
+            f"file is not the one the hash belongs to (corrupt, truncated or replaced): fetch the "
+            f"right weights, or update the hash if you changed them on purpose."
+        )
 
 
 def check_dataset() -> Path:
