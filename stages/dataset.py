@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stages.common import params as P
+from stages.common.images import image_files
 from stages.common.outputs import (
     atomic_path,
     print_summary,
@@ -37,7 +38,6 @@ from stages.synthetic import VISDRONE_CLASSES, SceneSpec, write_split
 DATA_DIR = PROJECT_ROOT / "data" / "yolo"
 REPORT_DIR = PROJECT_ROOT / "reports" / "dataset"
 SPLITS = ("train", "val")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SMALL, MEDIUM = 32**2, 96**2  # COCO area buckets, in pixels of the original image
 
 SCHEMA = {
@@ -160,7 +160,7 @@ def convert_split(src: Path, dst: Path, split: str, max_images: int = 0) -> Spli
     for d in (image_dir, annotation_dir):
         if not d.is_dir():
             raise DatasetError(f"{d} not found: a VisDrone split holds images/ and annotations/.")
-    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = image_files(image_dir)
     if max_images:
         images = images[:max_images]
     if not images:

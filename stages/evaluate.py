@@ -37,7 +37,7 @@ from ultralytics import YOLO
 
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.images import VAL_IMAGES
+from stages.common.images import VAL_IMAGES, image_files
 from stages.common.outputs import (
     atomic_path,
     print_summary,
@@ -61,7 +61,6 @@ METRICS_OUT = PROJECT_ROOT / "reports" / "metrics.json"
 SUMMARY_OUT = PROJECT_ROOT / "reports" / "summary.md"
 REPORT_DIR = PROJECT_ROOT / "reports" / "evaluate"
 VAL_LABELS = VAL_IMAGES.parents[1] / "labels" / "val"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 SIZES = ("small", "medium", "large")  # COCO area buckets: < 32², < 96², the rest
 TABLE_COLUMNS = (
     "params_m",
@@ -162,8 +161,7 @@ def coco_ground_truth(images_dir: Path, labels_dir: Path, nc: int) -> dict:
     in predictions.json for a non-COCO dataset.
     """
     images, annotations = [], []
-    files = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    for image_id, image in enumerate(files):
+    for image_id, image in enumerate(image_files(images_dir)):
         with Image.open(image) as im:
             width, height = im.size
         images.append({"id": image_id, "file_name": image.name, "width": width, "height": height})
@@ -264,8 +262,8 @@ def accuracy(
     return headline, per_class
 
 
-def size_metrics(model: torch.nn.Module, imgsz: int, file: Path) -> dict[str, float]:
-    size = yolo.model_size(model, imgsz)
+def size_metrics(size: dict[str, float], file: Path) -> dict[str, float]:
+    """Rounded params/FLOPs/MACs (from yolo.model_size) and the size of the file on disk."""
     return {
         "params_m": round(size["params"] / 1e6, 4),
         "gflops": round(size["flops_g"], 4),
@@ -313,24 +311,41 @@ def summary_table(metrics: dict[str, dict], imgsz: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_models(metrics: dict[str, dict], path: Path) -> None:
-    """AP50 against latency and against params, one labelled point per model."""
+def plot_accuracy_vs_cost(
+    rows: list[dict],
+    name_key: str,
+    costs: dict[str, str],
+    path: Path,
+    ylabel: str = "AP50",
+    fronts: dict[str, str] | None = None,
+) -> None:
+    """One panel per cost (column -> axis label): AP50 against it, one labelled point per row.
+
+    With ``fronts`` (cost column -> flag column), the flagged rows are joined as the Pareto front.
+    Rows without a value for a cost are left out of its panel.
+    """
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in (
-        (axes[0], "cpu_latency_ms", "CPU latency per image (ms)"),
-        (axes[1], "params_m", "params (M)"),
-    ):
-        for name, m in metrics.items():
-            if m.get(key) is not None:
-                ax.scatter(m[key], m["ap50"])
-                ax.annotate(name, (m[key], m["ap50"]), textcoords="offset points", xytext=(4, 4))
+    fig, axes = plt.subplots(1, len(costs), figsize=(6 * len(costs), 4.5), squeeze=False)
+    for ax, (cost, label) in zip(axes[0], costs.items(), strict=True):
+        shown = [r for r in rows if r.get(cost) is not None]
+        ax.scatter([r[cost] for r in shown], [r["ap50"] for r in shown], color="tab:blue")
+        if fronts:
+            front = sorted((r for r in shown if r[fronts[cost]]), key=lambda r: r[cost])
+            ax.plot([r[cost] for r in front], [r["ap50"] for r in front], "o-", color="tab:red")
+            ax.legend(["all", "Pareto front"])
+        for r in shown:
+            ax.annotate(
+                r[name_key],
+                (r[cost], r["ap50"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize="small",
+            )
         ax.set_xlabel(label)
-        ax.set_ylabel("AP50")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel} vs {label}")
         ax.grid(alpha=0.3)
-    axes[0].set_title("accuracy vs latency")
-    axes[1].set_title("accuracy vs size")
     save_figure(fig, path)
 
 
@@ -369,6 +384,8 @@ def main() -> None:
 
     # Timed first, all together, before validation starts dataloader workers that compete.
     fused = {name: deepcopy(d.model).fuse(verbose=False) for name, d in detectors.items()}
+    sizes = {name: yolo.model_size(d.model, imgsz) for name, d in detectors.items()}
+    sizes["deployed"] = sizes[DEPLOYED_FROM]
     timed = {"cpu": {name: torch_runner(m, imgsz, "cpu") for name, m in fused.items()}}
     if record["backend"] == "onnxruntime":
         timed["cpu"]["deployed"] = onnx_runner(artifact, shape)
@@ -389,20 +406,11 @@ def main() -> None:
     metrics, per_class = {}, {}
     for name, detector in evaluated.items():
         headline, per_class[name] = accuracy(detector, f"evaluate-{name}", params, ground_truth)
-        metrics[name] = {
-            **headline,
-            **size_metrics(
-                detectors[DEPLOYED_FROM if name == "deployed" else name].model, imgsz, files[name]
-            ),
-            **{
-                k: v
-                for where, runs in times.items()
-                if name in runs
-                for k, v in speed_metrics(
-                    runs[name], shape[0] if name == "deployed" else 1, where
-                ).items()
-            },
-        }
+        metrics[name] = {**headline, **size_metrics(sizes[name], files[name])}
+        images_per_pass = shape[0] if name == "deployed" else 1
+        for where, runs in times.items():
+            if name in runs:
+                metrics[name] |= speed_metrics(runs[name], images_per_pass, where)
     names = detectors["baseline"].names
     class_rows = [
         {"class": names[c], **{m: per_class[m].get(names[c]) for m in per_class}}
@@ -416,7 +424,12 @@ def main() -> None:
         tmp.write_text(summary_table(metrics, imgsz))
     write_csv(REPORT_DIR / "models.csv", model_rows)
     write_csv(REPORT_DIR / "per_class_ap50.csv", class_rows)
-    plot_models(metrics, REPORT_DIR / "accuracy.png")
+    plot_accuracy_vs_cost(
+        model_rows,
+        "model",
+        {"cpu_latency_ms": "CPU latency per image (ms)", "params_m": "params (M)"},
+        REPORT_DIR / "accuracy.png",
+    )
     plot_per_class(class_rows, REPORT_DIR / "per_class_ap50.png")
 
     gap = metrics["deployed"]["ap50"] - metrics[DEPLOYED_FROM]["ap50"]

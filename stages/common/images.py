@@ -1,23 +1,34 @@
-"""Loading val/train images as model input, the way ultralytics preprocesses them."""
+"""Finding the images of a split, and loading them as model input the way ultralytics does."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import cv2
-import numpy as np
-import torch
-from ultralytics.data.augment import LetterBox
+from typing import TYPE_CHECKING
 
 from stages.common.runtime import PROJECT_ROOT
 
+if TYPE_CHECKING:
+    import torch
+
 TRAIN_IMAGES = PROJECT_ROOT / "data" / "yolo" / "images" / "train"
 VAL_IMAGES = PROJECT_ROOT / "data" / "yolo" / "images" / "val"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The images of ``folder`` in name order (the order every stage and report uses)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def calibration_batch(folder: Path, count: int, imgsz: int) -> torch.Tensor:
     """The first ``count`` images of ``folder`` (by name), letterboxed to imgsz, in [0, 1]."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    # Imported here: the dataset stage imports this module for image_files alone.
+    import cv2
+    import numpy as np
+    import torch
+    from ultralytics.data.augment import LetterBox
+
+    files = image_files(folder)
     if not files:
         raise FileNotFoundError(f"no images in {folder}: run `dvc repro dataset` first.")
     letterbox = LetterBox(new_shape=(imgsz, imgsz), auto=False)

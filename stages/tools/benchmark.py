@@ -46,17 +46,18 @@ def benchmark_model(
     work = TMP_DIR / "benchmark"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    rows, runners = [], {backend: {} for backend in BACKENDS}
+    rows, flops, runners = [], [], {backend: {} for backend in BACKENDS}
     variants = list(uniformly_pruned(cfg, ratios))
     for ratio, model in tqdm(variants, desc=f"{cfg}: size + export"):
         size = yolo.model_size(model, imgsz)
+        flops.append(size["flops_g"])
         rows.append(
             {
                 "model": cfg.removesuffix(".yaml"),
                 "ratio": ratio,
                 "params_m": round(size["params"] / 1e6, 3),
                 "gflops": round(size["flops_g"], 3),
-                "flops_ratio": size["flops_g"],  # divided into the unpruned model's below
+                "flops_ratio": round(flops[0] / size["flops_g"], 3),  # ratio 0.0 comes first
             }
         )
         checkpoint, onnx_file = work / f"{ratio}.pt", work / f"{ratio}.onnx"
@@ -72,11 +73,7 @@ def benchmark_model(
             ms = statistics.median(times[row["ratio"]])
             row[f"{backend}_ms"] = round(ms, 2)
             row[f"{backend}_speedup"] = round(base_ms / ms, 3)
-    unpruned_flops = rows[0]["flops_ratio"]
-    for row in rows:
-        row["flops_ratio"] = round(unpruned_flops / row["flops_ratio"], 3)
-        for backend in BACKENDS:
-            row[f"{backend}_merit"] = round(row[f"{backend}_speedup"] / row["flops_ratio"], 3)
+            row[f"{backend}_merit"] = round(base_ms / ms / row["flops_ratio"], 3)
     shutil.rmtree(work, ignore_errors=True)
     return rows
 

@@ -22,10 +22,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stages.common.outputs import print_summary, save_figure, write_csv, written
+from stages.common.outputs import print_summary, write_csv, written
 from stages.common.runtime import PROJECT_ROOT
+from stages.evaluate import plot_accuracy_vs_cost
 
 METRICS_FILE = "reports/metrics.json"
+FRONTS = {"latency_ms": "front_latency", "params_m": "front_params"}  # cost column -> flag column
 OUT_DIR = PROJECT_ROOT / "reports" / "sweep"
 
 
@@ -83,10 +85,14 @@ def pareto_front(costs: Sequence[float], accuracies: Sequence[float]) -> list[bo
     ]
 
 
+def _usable(experiment: dict, model: str) -> bool:
+    return not experiment["error"] and model in experiment["metrics"]
+
+
 def sweep_rows(found: list[dict], model: str) -> list[dict]:
     """One row per usable experiment: the params that differ between them and the model's
     accuracy and cost, with Pareto flags for latency and for params."""
-    usable = [e for e in found if not e["error"] and model in e["metrics"]]
+    usable = [e for e in found if _usable(e, model)]
     varying = sorted(
         {
             k
@@ -111,45 +117,11 @@ def sweep_rows(found: list[dict], model: str) -> list[dict]:
                 "latency_device": device,
             }
         )
-    for cost in ("latency_ms", "params_m"):
+    for cost, flag_column in FRONTS.items():
         flags = pareto_front([r[cost] for r in rows], [r["ap50"] for r in rows])
         for row, flag in zip(rows, flags, strict=True):
-            row[f"front_{cost.split('_')[0]}"] = flag
+            row[flag_column] = flag
     return rows
-
-
-def plot_pareto(rows: list[dict], model: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, cost, label in (
-        (axes[0], "latency_ms", f"{rows[0]['latency_device'].upper()} latency per image (ms)"),
-        (axes[1], "params_m", "params (M)"),
-    ):
-        front = sorted((r for r in rows if r[f"front_{cost.split('_')[0]}"]), key=lambda r: r[cost])
-        ax.scatter([r[cost] for r in rows], [r["ap50"] for r in rows], color="tab:gray")
-        ax.plot(
-            [r[cost] for r in front],
-            [r["ap50"] for r in front],
-            "o-",
-            color="tab:red",
-            label="Pareto front",
-        )
-        for r in rows:
-            ax.annotate(
-                r["experiment"],
-                (r[cost], r["ap50"]),
-                textcoords="offset points",
-                xytext=(4, 4),
-                fontsize="small",
-            )
-        ax.set_xlabel(label)
-        ax.set_ylabel(f"AP50 ({model})")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0].set_title("accuracy vs latency")
-    axes[1].set_title("accuracy vs params")
-    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -172,7 +144,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     out = args.out.resolve()
     write_csv(out / "pareto.csv", rows)
-    plot_pareto(rows, args.model, out / "pareto.png")
+    device = rows[0]["latency_device"].upper()
+    plot_accuracy_vs_cost(
+        rows,
+        "experiment",
+        {"latency_ms": f"{device} latency per image (ms)", "params_m": "params (M)"},
+        out / "pareto.png",
+        ylabel=f"AP50 ({args.model})",
+        fronts=FRONTS,
+    )
     summary = [
         (
             r["experiment"],
@@ -182,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         for r in rows
     ]
-    skipped = [e["name"] for e in found if e["error"] or args.model not in e["metrics"]]
+    skipped = [e["name"] for e in found if not _usable(e, args.model)]
     if skipped:
         summary.append(("skipped (failed or no metrics)", ", ".join(skipped)))
     summary.append(written(out / "pareto.csv", out / "pareto.png"))
