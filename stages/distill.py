@@ -28,10 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ultralytics import YOLO
 from ultralytics.utils.torch_utils import unwrap_model
 
+from stages.common import distributed, yolo
 from stages.common import params as P
-from stages.common import yolo
 from stages.common.images import TRAIN_IMAGES, calibration_batch
 from stages.common.outputs import print_summary, write_json, written
 from stages.common.runtime import PROJECT_ROOT
@@ -153,7 +154,10 @@ class CWDCriterion:
 
 
 class DistillTrainer(yolo.ModelKeepingTrainer):
-    """Fine-tunes the student with the CWD criterion; the stage sets the class attributes."""
+    """Fine-tunes the student with the CWD criterion.
+
+    The settings are class attributes: use :func:`distill_trainer` for a configured subclass.
+    """
 
     teacher: nn.Module
     aligners: nn.ModuleList
@@ -162,14 +166,29 @@ class DistillTrainer(yolo.ModelKeepingTrainer):
     level_weights: Sequence[float] = (1.0, 1.0, 1.0)
 
     def build_optimizer(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
-        """ultralytics' optimizer for the student, plus a parameter group for the aligners."""
+        """ultralytics' optimizer for the student, plus a parameter group for the aligners with the
+        student's learning rate and optimizer settings (not the optimizer class's defaults)."""
         self.teacher = self.teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.aligners = self.aligners.to(self.device)
         optimizer = super().build_optimizer(model, *args, **kwargs)
-        optimizer.add_param_group({"params": list(self.aligners.parameters()), "weight_decay": 0.0})
+        student = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        optimizer.add_param_group(
+            {
+                **student,
+                "params": list(self.aligners.parameters()),
+                "weight_decay": 0.0,
+                "param_group": "aligners",
+            }
+        )
         return optimizer
+
+    def optimizer_step(self) -> None:
+        """Under DDP the aligners' gradients are averaged over the workers, as the student's are
+        by DDP itself; then ultralytics' step."""
+        distributed.average_gradients(self.aligners.parameters())
+        super().optimizer_step()
 
     def _criterion(self, model: nn.Module) -> CWDCriterion:
         return CWDCriterion(
@@ -207,13 +226,11 @@ def check_levels(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> No
         )
 
 
-def main() -> None:
-    params = P.load(SCHEMA)
-    cfg = params["distill"]
-    args = yolo.training_args(params, cfg)
-    student = yolo.load_detector(STUDENT)
-    teacher = yolo.load_detector(TEACHERS[cfg["teacher"]])
-    fit_count, imgsz = cfg["aligner_fit_images"], params["imgsz"]
+def distill_trainer(cfg: dict, student: YOLO, teacher: YOLO, imgsz: int) -> type[DistillTrainer]:
+    """The trainer for a validated ``distill`` section: the teacher, and the aligners fitted on
+    ``aligner_fit_images`` training images. Mismatched detection levels fail here, before any
+    training."""
+    fit_count = cfg["aligner_fit_images"]
     images = (  # without fitting, a blank image tells the channel counts
         calibration_batch(TRAIN_IMAGES, fit_count, imgsz)
         if fit_count
@@ -222,20 +239,31 @@ def main() -> None:
     with torch.no_grad():
         s_maps = head_features(student.model.float().eval(), images)
         t_maps = head_features(teacher.model.float().eval(), images)
-    check_levels(s_maps, t_maps)  # fails before training on mismatched levels
+    check_levels(s_maps, t_maps)
     aligners = make_aligners([m.shape[1] for m in s_maps], [m.shape[1] for m in t_maps])
     if fit_count:
         for aligner, s, t in zip(aligners, s_maps, t_maps, strict=True):
             fit_aligner(aligner, s, t)
-    student_params = sum(p.numel() for p in student.model.parameters())
+    return yolo.configured_trainer(
+        DistillTrainer,
+        teacher=teacher.model,
+        aligners=aligners,
+        tau=cfg["temperature"],
+        weight=cfg["weight"],
+        level_weights=cfg["level_weights"],
+    )
 
-    DistillTrainer.teacher = teacher.model
-    DistillTrainer.aligners = aligners
-    DistillTrainer.tau = cfg["temperature"]
-    DistillTrainer.weight = cfg["weight"]
-    DistillTrainer.level_weights = cfg["level_weights"]
+
+def main() -> None:
+    params = P.load(SCHEMA)
+    cfg = params["distill"]
+    args = yolo.training_args(params, cfg)
+    student = yolo.load_detector(STUDENT)
+    teacher = yolo.load_detector(TEACHERS[cfg["teacher"]])
+    trainer = distill_trainer(cfg, student, teacher, params["imgsz"])
+    student_params = sum(p.numel() for p in student.model.parameters())
     distilled = yolo.train(
-        student, "distill", MODEL_OUT, REPORT_DIR / "results.csv", trainer=DistillTrainer, **args
+        student, "distill", MODEL_OUT, REPORT_DIR / "results.csv", trainer=trainer, **args
     )
     saved_params = sum(p.numel() for p in distilled.model.parameters())
     if saved_params != student_params:

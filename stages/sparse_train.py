@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from ultralytics.utils.torch_utils import unwrap_model
 
+from stages.common import distributed, yolo
 from stages.common import params as P
-from stages.common import yolo
 from stages.common.outputs import print_summary, save_figure, write_csv, write_json, written
 from stages.common.runtime import PROJECT_ROOT
 
@@ -147,7 +147,7 @@ class PenaltySchedule:
 class SparseTrainer(yolo.ModelKeepingTrainer):
     """Trains with the L1 penalty added to unscaled gradients and logs sparsity every epoch.
 
-    The stage sets the class attributes before training (ultralytics instantiates the trainer).
+    The settings are class attributes: use :func:`sparse_trainer` for a configured subclass.
     """
 
     schedule: PenaltySchedule
@@ -174,23 +174,49 @@ class SparseTrainer(yolo.ModelKeepingTrainer):
             self.ema.update(self.model)
 
     def validate(self) -> tuple[dict[str, Any], Any]:
-        """ultralytics' validation, plus the sparsity columns of results.csv."""
+        """ultralytics' validation, plus the sparsity columns of results.csv.
+
+        Under DDP only rank 0 gets metrics (the others get None); it adapts the schedule and every
+        rank then takes its coefficient, so all workers apply the same penalty.
+        """
         metrics, fitness = super().validate()
-        used = self.schedule.coefficient(self.epoch)
-        evaluated = self.ema.ema if self.ema else unwrap_model(self.model)
-        gammas = gamma_magnitudes(penalized_batchnorms(evaluated, self.exclude))
-        stats = sparsity_stats(gammas, self.near_zero)
-        self.schedule.observe(
-            self.epoch, stats["near_zero"], metrics["metrics/mAP50(B)"], self.ap50_start
-        )
-        metrics.update(
-            {
-                "sparsity/coefficient": used,
-                "sparsity/gamma_l1": stats["gamma_l1"],
-                "sparsity/near_zero": stats["near_zero"],
-            }
-        )
+        if metrics is not None:
+            used = self.schedule.coefficient(self.epoch)
+            evaluated = self.ema.ema if self.ema else unwrap_model(self.model)
+            gammas = gamma_magnitudes(penalized_batchnorms(evaluated, self.exclude))
+            stats = sparsity_stats(gammas, self.near_zero)
+            self.schedule.observe(
+                self.epoch, stats["near_zero"], metrics["metrics/mAP50(B)"], self.ap50_start
+            )
+            metrics.update(
+                {
+                    "sparsity/coefficient": used,
+                    "sparsity/gamma_l1": stats["gamma_l1"],
+                    "sparsity/near_zero": stats["near_zero"],
+                }
+            )
+        self.schedule.current = distributed.broadcast_float(self.schedule.current)
         return metrics, fitness
+
+
+def sparse_trainer(cfg: dict, ap50_start: float) -> type[SparseTrainer]:
+    """The trainer for a validated ``sparse_train`` section, starting from AP50 ``ap50_start``."""
+    schedule = PenaltySchedule(
+        cfg["schedule"],
+        cfg["coefficient"],
+        cfg["epochs"],
+        cfg["target_sparsity"],
+        cfg["ap50_floor"],
+        cfg["gain"],
+    )
+    return yolo.configured_trainer(
+        SparseTrainer,
+        schedule=schedule,
+        beta_coefficient=cfg["beta_coefficient"],
+        near_zero=cfg["near_zero"],
+        exclude=tuple(cfg["exclude"]),
+        ap50_start=ap50_start,
+    )
 
 
 def gamma_histogram(before: np.ndarray, after: np.ndarray, bins: int = 80) -> list[dict]:
@@ -235,20 +261,13 @@ def main() -> None:
     gammas_before = gamma_magnitudes(bns_before)  # a copy: training changes these modules
     ap50_before = yolo.val_ap50(model, "sparse-start", params)
 
-    SparseTrainer.schedule = PenaltySchedule(
-        cfg["schedule"],
-        cfg["coefficient"],
-        cfg["epochs"],
-        cfg["target_sparsity"],
-        cfg["ap50_floor"],
-        cfg["gain"],
-    )
-    SparseTrainer.beta_coefficient = cfg["beta_coefficient"]
-    SparseTrainer.near_zero = cfg["near_zero"]
-    SparseTrainer.exclude = tuple(cfg["exclude"])
-    SparseTrainer.ap50_start = ap50_before
     sparse = yolo.train(
-        model, "sparse_train", MODEL_OUT, REPORT_DIR / "results.csv", trainer=SparseTrainer, **args
+        model,
+        "sparse_train",
+        MODEL_OUT,
+        REPORT_DIR / "results.csv",
+        trainer=sparse_trainer(cfg, ap50_before),
+        **args,
     )
     gammas_after = gamma_magnitudes(penalized_batchnorms(sparse.model, cfg["exclude"]))
     ap50_after = yolo.val_ap50(sparse, "sparse-end", params)

@@ -10,9 +10,11 @@ import torch
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
+from stages.common.yolo import configured_trainer
 from stages.distill import (
     SCHEMA,
     CWDCriterion,
+    DistillTrainer,
     check_levels,
     cwd_loss,
     fit_aligner,
@@ -132,6 +134,23 @@ def test_gradients_reach_student_and_aligners_never_the_teacher() -> None:
     )
     cwd.backward()
     assert student.model[0].conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(("name", "lr"), [("AdamW", 0.002), ("SGD", 0.03)])
+def test_aligners_train_with_the_students_optimizer_settings(name: str, lr: float) -> None:
+    teacher, student = _detector(0), _pruned_model(seed=1)
+    aligners = make_aligners([16, 32, 64], [64, 128, 256])
+    trainer_class = configured_trainer(DistillTrainer, teacher=teacher, aligners=aligners)
+    trainer = trainer_class.__new__(trainer_class)  # no dataset: only the optimizer is built
+    trainer.device = torch.device("cpu")
+    optimizer = trainer.build_optimizer(student, name=name, lr=lr, momentum=0.9, decay=5e-4)
+    *student_groups, aligner_group = optimizer.param_groups
+    assert aligner_group["params"] == list(aligners.parameters())
+    assert aligner_group["lr"] == lr and aligner_group["weight_decay"] == 0.0
+    for key in ("betas", "momentum", "nesterov"):  # whichever the optimizer has
+        if key in student_groups[0]:
+            assert aligner_group[key] == student_groups[0][key]
+    assert all(not p.requires_grad for p in teacher.parameters())
 
 
 def test_weight_zero_leaves_only_the_detection_loss() -> None:

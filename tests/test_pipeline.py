@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from stages.tools.pareto import experiments
 from tests.conftest import PROJECT_ROOT, STAGES
 
 pytestmark = pytest.mark.slow
@@ -233,6 +236,52 @@ def test_an_experiment_shows_in_metrics_diff_plots_diff_pr_comment_and_pareto(
     assert rows[0].startswith("experiment,") and "prune.ratio" in rows[0]
     assert any(row.startswith("ratio-half,") for row in rows[1:]) and len(rows) >= 3
     assert (sweep / "pareto.png").stat().st_size > 1000
+
+
+def test_ddp_worker_script_runs_our_trainers_with_their_settings(
+    tiny_repo: tuple[Path, dict],
+) -> None:
+    """ultralytics' generated multi-GPU worker script, run as one CPU worker (see tests/ddp_launch):
+    it imports our trainer classes in a fresh process and trains with the stages' settings."""
+    repo, env = tiny_repo
+    _reproduced(repo, env)
+    out = _run([sys.executable, "-m", "tests.ddp_launch"], repo, env)
+    printed = [json.loads(line) for line in out.splitlines() if line.startswith('{"trainer"')]
+    rows = {row["trainer"]: row for row in printed}
+    sparse, distilled = rows["sparse_train"], rows["distill"]
+    assert sparse["sparsity/coefficient"] == sparse["coefficient"] > 0  # the schedule arrived
+    assert sparse["sparsity/gamma_l1"] > 0
+    assert distilled["weight"] > 0 and distilled["train/cwd_loss"] > 0  # teacher + aligners arrived
+    assert "lr/pg3" in distilled  # the aligners' parameter group
+    assert not list((repo / ".cache/ultralytics/Ultralytics/DDP").iterdir())  # worker scripts cleaned up
+    assert list(Path(env["HOME"]).iterdir()) == []
+
+
+def test_dvc_queue_runs_two_experiments_on_two_workers(tiny_repo: tuple[Path, dict]) -> None:
+    repo, env = tiny_repo
+    _reproduced(repo, env)
+    dvc = [sys.executable, "-m", "dvc"]
+    for name, ratio in (("queued-a", 0.5), ("queued-b", 0.7)):
+        _run([*dvc, "exp", "run", "--queue", "-n", name, "-S", f"prune.ratio={ratio}"], repo, env)
+    assert "Started '2' new" in _run([*dvc, "queue", "start", "-j", "2"], repo, env)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            status = _run([*dvc, "queue", "status"], repo, env)
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+            time.sleep(3)
+    finally:
+        _run([*dvc, "queue", "stop", "--kill"], repo, env)
+    assert re.search(r"queued-a\s.*Success", status) and re.search(r"queued-b\s.*Success", status)
+    found = {
+        e["name"]: e
+        for e in experiments(json.loads(_run([*dvc, "exp", "show", "--json"], repo, env)))
+    }
+    ratios = {name: found[name]["params"]["prune.ratio"] for name in ("queued-a", "queued-b")}
+    assert ratios == {"queued-a": 0.5, "queued-b": 0.7}
+    params_m = [found[name]["metrics"]["pruned"]["params_m"] for name in ("queued-a", "queued-b")]
+    assert params_m[0] > params_m[1]  # each ran its own prune ratio
 
 
 def test_bad_params_fail_the_stage_with_a_clear_message(tiny_repo: tuple[Path, dict]) -> None:

@@ -16,8 +16,13 @@ def test_environment_is_offline_and_inside_the_project() -> None:
     assert os.environ["YOLO_AUTOINSTALL"] == "false"
     for var in ("YOLO_CONFIG_DIR", "MPLCONFIGDIR", "TORCH_HOME", "XDG_CACHE_HOME", "TMPDIR"):
         assert Path(os.environ[var]).is_relative_to(CACHE_DIR), var
-    for font in ("Arial.ttf", "Arial.Unicode.ttf"):  # else ultralytics downloads them
-        assert (Path(os.environ["YOLO_CONFIG_DIR"]) / font).stat().st_size > 10_000
+    from ultralytics.utils import USER_CONFIG_DIR
+    from ultralytics.utils.checks import check_font
+
+    assert USER_CONFIG_DIR.is_relative_to(CACHE_DIR)
+    for font in ("Arial.ttf", "Arial.Unicode.ttf"):  # found locally: no download (no network here)
+        found = check_font(font)
+        assert found == USER_CONFIG_DIR / font and found.stat().st_size > 10_000
 
 
 def test_ultralytics_settings_and_threads() -> None:

@@ -22,10 +22,12 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = PROJECT_ROOT / ".cache"
-ULTRALYTICS_CONFIG_DIR = CACHE_DIR / "ultralytics"
+ULTRALYTICS_CONFIG_DIR = CACHE_DIR / "ultralytics"  # YOLO_CONFIG_DIR
+# ultralytics keeps its settings, fonts and multi-GPU worker scripts in YOLO_CONFIG_DIR/Ultralytics.
+ULTRALYTICS_USER_DIR = ULTRALYTICS_CONFIG_DIR / "Ultralytics"
 TMP_DIR = CACHE_DIR / "tmp"
 
-# ultralytics' plotting looks for these names in its config dir and downloads them when missing.
+# ultralytics' plotting looks for these names in its user dir and downloads them when missing.
 _FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
 
 
@@ -39,7 +41,7 @@ def cpu_threads() -> int:
 
 def configure_environment() -> None:
     """Set the process environment for offline, self-contained runs (idempotent)."""
-    for path in (CACHE_DIR, ULTRALYTICS_CONFIG_DIR, TMP_DIR):
+    for path in (CACHE_DIR, ULTRALYTICS_USER_DIR, TMP_DIR):
         path.mkdir(parents=True, exist_ok=True)
     threads = str(cpu_threads())
     os.environ.update(
@@ -68,6 +70,6 @@ def _install_fonts() -> None:
         return
     source = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
     for name in _FONT_NAMES:
-        target = ULTRALYTICS_CONFIG_DIR / name
+        target = ULTRALYTICS_USER_DIR / name
         if source.exists() and not target.exists():
             shutil.copyfile(source, target)

@@ -8,11 +8,13 @@ every core (ultralytics resets torch to cpu_count - 1 threads whenever it select
 from __future__ import annotations
 
 import hashlib
+import importlib
 import re
 import shutil
+import sys
 from copy import deepcopy
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import thop
 import torch
@@ -26,6 +28,8 @@ from stages.common import layers  # noqa: F401  (classes pruned checkpoints unpi
 from stages.common import params as P
 from stages.common.outputs import atomic_path
 from stages.common.runtime import CACHE_DIR, PROJECT_ROOT, cpu_threads
+
+T = TypeVar("T", bound=DetectionTrainer)
 
 RUNS_DIR = CACHE_DIR / "runs"
 DATA_YAML = PROJECT_ROOT / "data" / "yolo" / "dataset.yaml"
@@ -158,6 +162,47 @@ def training_args(params: dict, section: dict) -> dict:
     return {**args, "seed": params["seed"], "imgsz": params["imgsz"], "device": params["device"]}
 
 
+def run_args(run_name: str, **args: Any) -> dict:
+    """Every stage's ultralytics train() arguments: the run in .cache/runs/<run_name> on our
+    dataset, deterministic, no plots, plus the stage's own ``args``."""
+    return {
+        "data": str(check_dataset()),
+        "project": str(RUNS_DIR),
+        "name": run_name,
+        "exist_ok": True,
+        "plots": False,
+        "deterministic": True,
+        "verbose": True,
+        **args,
+    }
+
+
+def configured_trainer(base: type[T], **settings: Any) -> type[T]:
+    """A subclass of the trainer ``base`` that carries ``settings`` as class attributes.
+
+    ultralytics instantiates the trainer class itself, so a stage hands its settings over on the
+    class. For multi-GPU training (``device: 0,1,...``) ultralytics pickles that class with
+    cloudpickle into the launcher every DDP worker runs. A class importable by name travels by
+    reference and would arrive bare; the subclass made here is not importable by name, so it
+    travels by value, settings included. Its base is always taken from the importable module
+    (a stage run as ``python -m stages.x`` defines its classes in ``__main__``, which a worker
+    cannot import).
+    """
+    declared = {name for cls in base.__mro__ for name in getattr(cls, "__annotations__", {})}
+    unknown = sorted(set(settings) - declared)
+    if unknown:
+        raise TypeError(f"{base.__name__} declares no setting(s) {unknown}")
+    if base.__module__ == "__main__":
+        module = importlib.import_module(sys.modules["__main__"].__spec__.name)
+        base = getattr(module, base.__qualname__)
+    namespace = {
+        "__module__": base.__module__,
+        "__qualname__": f"configured_trainer.<locals>.{base.__name__}",
+        **settings,
+    }
+    return type(base.__name__, (base,), namespace)
+
+
 def train(
     model: YOLO,
     run_name: str,
@@ -174,17 +219,7 @@ def train(
     """
     run_dir = RUNS_DIR / run_name
     shutil.rmtree(run_dir, ignore_errors=True)
-    model.train(
-        trainer=trainer,
-        data=str(check_dataset()),
-        project=str(RUNS_DIR),
-        name=run_name,
-        exist_ok=True,
-        plots=False,
-        deterministic=True,
-        verbose=True,
-        **args,
-    )
+    model.train(trainer=trainer, **run_args(run_name, **args))
     with atomic_path(model_out) as tmp:
         shutil.copyfile(run_dir / "weights" / "last.pt", tmp)
     with atomic_path(results_out) as tmp:

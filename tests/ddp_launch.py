@@ -1,0 +1,71 @@
+"""Run ultralytics' generated DDP worker script for our two custom trainers, in this project.
+
+For multi-GPU training ultralytics starts every worker with a generated script that unpickles the
+trainer class, its arguments and the model, builds the trainer and trains. This writes that script
+for the configured SparseTrainer and DistillTrainer exactly as ultralytics does
+(``generate_ddp_file``) and runs it in a fresh Python process as one CPU worker: the worker must
+import our classes and train with the settings the stage gave them. Prints one JSON line per
+trainer: the settings it was configured with and the last row of the worker's results.csv.
+
+Usage, in a project where `dvc repro` has run: python -m tests.ddp_launch
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from typing import Any
+
+import stages  # noqa: F401  (the offline runtime, before ultralytics)
+
+# isort: split
+from ultralytics import YOLO
+from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
+
+from stages import distill, sparse_train
+from stages.common import params as P
+from stages.common import yolo
+
+
+def run_worker(trainer_class: type, model: YOLO, run_name: str, args: dict[str, Any]) -> dict:
+    """Build the trainer as ultralytics 8.4's Model.train does, write its DDP worker script, run
+    the script in a new process, and return the last row of that run's results.csv."""
+    overrides = {**model.overrides, "task": model.task, **yolo.run_args(run_name, **args)}
+    trainer = trainer_class(overrides={**overrides, "mode": "train"}, _callbacks=model.callbacks)
+    trainer.model = trainer.get_model(weights=model.model, cfg=model.model.yaml)
+    script = generate_ddp_file(trainer)
+    try:
+        subprocess.run([sys.executable, script], check=True)
+    finally:
+        ddp_cleanup(trainer, script)
+    with (trainer.save_dir / "results.csv").open() as f:
+        last = list(csv.DictReader(f))[-1]
+    return {key.strip(): float(value) for key, value in last.items()}
+
+
+def main() -> None:
+    params = P.load(sparse_train.SCHEMA)
+    cfg = params["sparse_train"]
+    trainer = sparse_train.sparse_trainer(cfg, ap50_start=0.0)
+    worker = run_worker(
+        trainer,
+        yolo.load_detector(sparse_train.BASELINE),
+        "ddp-sparse_train",
+        yolo.training_args(params, cfg),
+    )
+    print(json.dumps({"trainer": "sparse_train", "coefficient": cfg["coefficient"], **worker}))
+
+    params = P.load(distill.SCHEMA)
+    # Random aligners: a CWD term large enough to show in results.csv's five decimals.
+    cfg = {**params["distill"], "aligner_fit_images": 0}
+    student = yolo.load_detector(distill.STUDENT)
+    teacher = yolo.load_detector(distill.TEACHERS[cfg["teacher"]])
+    trainer = distill.distill_trainer(cfg, student, teacher, params["imgsz"])
+    worker = run_worker(trainer, student, "ddp-distill", yolo.training_args(params, cfg))
+    print(json.dumps({"trainer": "distill", "weight": cfg["weight"], **worker}))
+
+
+if __name__ == "__main__":
+    main()
