@@ -253,7 +253,9 @@ def test_ddp_worker_script_runs_our_trainers_with_their_settings(
     assert sparse["sparsity/gamma_l1"] > 0
     assert distilled["weight"] > 0 and distilled["train/cwd_loss"] > 0  # teacher + aligners arrived
     assert "lr/pg3" in distilled  # the aligners' parameter group
-    assert not list((repo / ".cache/ultralytics/Ultralytics/DDP").iterdir())  # worker scripts cleaned up
+    assert not list(
+        (repo / ".cache/ultralytics/Ultralytics/DDP").iterdir()
+    )  # worker scripts cleaned up
     assert list(Path(env["HOME"]).iterdir()) == []
 
 

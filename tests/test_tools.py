@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from stages.common import params as P
+from stages.tools.distill_ablation import markdown, summarize
 from stages.tools.pareto import experiments, pareto_front, sweep_rows
 from stages.tools.pr_comment import build_comment
 from stages.tools.profile import apply_profile, load_profile, profiles
@@ -138,3 +139,22 @@ def test_the_paper_profile_passes_every_stage_validation(stage: str) -> None:
 def test_a_profile_key_params_yaml_lacks_is_refused() -> None:
     with pytest.raises(KeyError, match=r"prune\.ratoi"):
         apply_profile((PROJECT_ROOT / "params.yaml").read_text(), {"prune": {"ratoi": 0.5}})
+
+
+def test_ablation_summary_pairs_each_seed_with_plain_fine_tuning() -> None:
+    rows = [
+        {"weight": w, "seed": seed, "ap50": ap50, "map50_95": ap50 / 2}
+        for w, results in ((0.0, (0.70, 0.72, 0.74)), (1.0, (0.71, 0.71, 0.76)))
+        for seed, ap50 in enumerate(results)
+    ]
+    plain, cwd = summarize(rows)
+    assert plain["weight"] == 0 and "ap50_gain" not in plain
+    assert plain["ap50"] == pytest.approx(0.72) and plain["ap50_std"] == pytest.approx(0.02)
+    assert plain["map50_95"] == pytest.approx(0.36)
+    # Paired differences by hand: +0.01, -0.01, +0.02.
+    assert cwd["ap50_gain"] == pytest.approx(0.02 / 3)
+    assert cwd["ap50_gain_std"] == pytest.approx(0.0152753, abs=1e-6)
+    assert cwd["wins"] == 2 and cwd["seeds"] == 3
+    cfg = {"teacher": "baseline", "temperature": 1.0, "level_weights": [1, 1, 0.5], "epochs": 4}
+    table = markdown([plain, cwd], cfg)
+    assert "| 1 | 3 | 0.7267 ± 0.0289 |" in table and "+0.0067 ± 0.0153 | 2/3 seeds |" in table
