@@ -286,6 +286,28 @@ def test_dvc_queue_runs_two_experiments_on_two_workers(tiny_repo: tuple[Path, di
     assert params_m[0] > params_m[1]  # each ran its own prune ratio
 
 
+def test_a_dvc_remote_gives_a_fresh_clone_the_results_without_rerunning(
+    tiny_repo: tuple[Path, dict],
+) -> None:
+    """Another machine: a git clone that `dvc pull`s the committed results from a shared remote
+    (a local folder here; S3, SSH etc. work the same) is up to date and `dvc repro` runs nothing."""
+    repo, env = tiny_repo
+    _reproduced(repo, env)
+    dvc = [sys.executable, "-m", "dvc"]
+    remote = repo.parent / "remote"
+    _run([*dvc, "remote", "add", "--local", "-d", "shared", str(remote)], repo, env)
+    _run([*dvc, "push", "--all-commits"], repo, env)
+
+    clone = repo.parent / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], repo.parent, env)
+    clone_env = {**env, "PYTHONPATH": str(clone)}
+    _run([*dvc, "remote", "add", "--local", "-d", "shared", str(remote)], clone, clone_env)
+    _run([*dvc, "pull"], clone, clone_env)
+    assert (clone / "models/distilled.pt").stat().st_size > 100_000
+    assert "up to date" in _run([*dvc, "status"], clone, clone_env)
+    assert "Running stage" not in _run([*dvc, "repro"], clone, clone_env)
+
+
 def test_bad_params_fail_the_stage_with_a_clear_message(tiny_repo: tuple[Path, dict]) -> None:
     repo, env = tiny_repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
