@@ -1,1 +1,17 @@
 """Commands around the pipeline (not DVC stages), run on demand: `python -m stages.tools.<name>`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from stages.common.runtime import PROJECT_ROOT
+
+
+def dvc(*args: str) -> str:
+    """The output of `dvc <args>` run in the project; exits with DVC's message when it fails."""
+    command = ["dvc", *args]
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"`{' '.join(command)}` failed:\n{done.stderr}")
+    return done.stdout

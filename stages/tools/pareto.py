@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from stages.common.outputs import print_summary, write_csv, written
 from stages.common.runtime import PROJECT_ROOT
 from stages.evaluate import plot_accuracy_vs_cost
+from stages.tools import dvc
 
 METRICS_FILE = "reports/metrics.json"
 FRONTS = {"latency_ms": "front_latency", "params_m": "front_params"}  # cost column -> flag column
@@ -131,11 +131,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the CSV and PNG")
     args = parser.parse_args(argv)
 
-    command = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if args.all_commits else [])
-    shown = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
-    if shown.returncode != 0:
-        sys.exit(f"`{' '.join(command)}` failed:\n{shown.stderr}")
-    found = experiments(json.loads(shown.stdout))
+    shown = dvc("exp", "show", "--json", *(["--all-commits"] if args.all_commits else []))
+    found = experiments(json.loads(shown))
     rows = sweep_rows(found, args.model)
     if not rows:
         sys.exit(

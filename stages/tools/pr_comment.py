@@ -12,11 +12,11 @@ repo; `cml comment create --publish` (.github/workflows/pr-report.yml) uploads t
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from collections.abc import Sequence
 
 from stages.common.runtime import PROJECT_ROOT
+from stages.tools import dvc
 
 SUMMARY = PROJECT_ROOT / "reports" / "summary.md"
 # The plots a reviewer looks at first, with their titles.
@@ -55,15 +55,6 @@ def build_comment(
     return "\n\n".join(sections) + "\n"
 
 
-def dvc_diff(kind: str, base: str) -> str:
-    """`dvc <kind> diff --md <base>` (kind: params or metrics), failing loudly."""
-    command = ["dvc", kind, "diff", "--md", base]
-    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"`{' '.join(command)}` failed:\n{done.stderr}")
-    return done.stdout
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="HEAD", help="git revision to compare with")
@@ -71,7 +62,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     plots = {t: p for t, p in KEY_PLOTS.items() if (PROJECT_ROOT / p).is_file()}
     summary = SUMMARY.read_text() if SUMMARY.is_file() else ""
     comment = build_comment(
-        args.base, dvc_diff("params", args.base), dvc_diff("metrics", args.base), summary, plots
+        args.base,
+        dvc("params", "diff", "--md", args.base),
+        dvc("metrics", "diff", "--md", args.base),
+        summary,
+        plots,
     )
     sys.stdout.write(comment)
 
