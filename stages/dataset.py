@@ -1,5 +1,10 @@
 """Stage `dataset`: a raw VisDrone2019-DET tree -> a YOLO-format dataset, its data yaml and stats.
 
+Three splits: train fits, val decides (per-epoch validation, the sparsity schedule, any choice
+made from a sweep), test reports (every number of the evaluate stage). For `visdrone`, test is
+VisDrone2019-DET-test-dev when it is on disk; otherwise the val folder is divided by video
+sequence (see :func:`split_by_sequence`), so that no scene is in both val and test.
+
 Two sources, one converter: `synthetic` renders a deterministic raw VisDrone tree first (see
 stages/synthetic.py), `visdrone` reads a real one. The converter maps VisDrone categories 1..10 to
 classes 0..9, drops 0 (ignored regions) and 11 (others), clips boxes to the image, drops boxes
@@ -37,7 +42,7 @@ from stages.synthetic import VISDRONE_CLASSES, SceneSpec, write_split
 
 DATA_DIR = PROJECT_ROOT / "data" / "yolo"
 REPORT_DIR = PROJECT_ROOT / "reports" / "dataset"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 SMALL, MEDIUM = 32**2, 96**2  # COCO area buckets, in pixels of the original image
 
 SCHEMA = {
@@ -49,6 +54,7 @@ SCHEMA = {
                 {
                     "train_images": P.Int(1),
                     "val_images": P.Int(1),
+                    "test_images": P.Int(1),
                     "image_size": P.Int(64, 4096),
                     "objects_min": P.Int(1, 500),
                     "objects_max": P.Int(1, 500),
@@ -59,6 +65,7 @@ SCHEMA = {
                     "root": P.Str(),
                     "train_dir": P.Str(),
                     "val_dir": P.Str(),
+                    "test_dir": P.Str(),
                     "max_images": P.Int(0),
                 }
             ),
@@ -154,13 +161,40 @@ def image_size(path: Path) -> tuple[int, int]:
         raise DatasetError(f"{path}: unreadable image ({err}); replace or remove it.") from err
 
 
-def convert_split(src: Path, dst: Path, split: str, max_images: int = 0) -> SplitStats:
-    """Convert ``src/{images,annotations}`` into ``dst/{images,labels}/<split>``."""
-    image_dir, annotation_dir = src / "images", src / "annotations"
-    for d in (image_dir, annotation_dir):
+def split_by_sequence(images: list[Path]) -> dict[str, list[Path]]:
+    """VisDrone val images -> disjoint ``val`` and ``test`` halves that share no video sequence.
+
+    VisDrone-DET frames are named ``<sequence>_<frame>_...``; frames of one sequence show the same
+    scene, so splitting frame by frame would leak it into both halves. The sequences, sorted, are
+    dealt alternately: the 1st, 3rd, ... to val, the 2nd, 4th, ... to test.
+    """
+    sequences = sorted({p.stem.split("_")[0] for p in images})
+    to_test = set(sequences[1::2])
+    return {
+        "val": [p for p in images if p.stem.split("_")[0] not in to_test],
+        "test": [p for p in images if p.stem.split("_")[0] in to_test],
+    }
+
+
+def source_images(src: Path) -> list[Path]:
+    """The images of a raw VisDrone split folder, which must hold images/ and annotations/."""
+    for d in (src / "images", src / "annotations"):
         if not d.is_dir():
             raise DatasetError(f"{d} not found: a VisDrone split holds images/ and annotations/.")
-    images = image_files(image_dir)
+    return image_files(src / "images")
+
+
+def convert_split(
+    src: Path,
+    dst: Path,
+    split: str,
+    max_images: int = 0,
+    images: list[Path] | None = None,
+) -> SplitStats:
+    """Convert ``src/{images,annotations}`` (all its images, or only ``images``) into
+    ``dst/{images,labels}/<split>``; ``max_images`` keeps the first N by name."""
+    image_dir, annotation_dir = src / "images", src / "annotations"
+    images = source_images(src) if images is None else images
     if max_images:
         images = images[:max_images]
     if not images:
@@ -194,15 +228,17 @@ def convert_split(src: Path, dst: Path, split: str, max_images: int = 0) -> Spli
 def write_data_yaml(dst: Path) -> None:
     """The ultralytics data yaml; paths are relative to its own folder, so the dataset can move."""
     data = {
-        "train": "images/train",
-        "val": "images/val",
+        **{split: f"images/{split}" for split in SPLITS},
         "nc": len(VISDRONE_CLASSES),
         "names": dict(enumerate(VISDRONE_CLASSES)),
     }
     (dst / "dataset.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def raw_splits(params: dict, workdir: Path) -> dict[str, tuple[Path, int]]:
+RawSplit = tuple[Path, int, "list[Path] | None"]  # folder, max_images, its images (None: all)
+
+
+def raw_splits(params: dict, workdir: Path) -> dict[str, RawSplit]:
     """Where each split's raw VisDrone tree is (rendering it first for `synthetic`)."""
     cfg = params["dataset"]
     if cfg["source"] == "synthetic":
@@ -213,17 +249,19 @@ def raw_splits(params: dict, workdir: Path) -> dict[str, tuple[Path, int]]:
                 f"than dataset.synthetic.objects_max = {syn['objects_max']}."
             )
         spec = SceneSpec(syn["image_size"], syn["objects_min"], syn["objects_max"])
-        counts = {"train": syn["train_images"], "val": syn["val_images"]}
         return {
             split: (
-                write_split(workdir, split, counts[split], params["seed"], spec, cpu_threads()),
+                write_split(
+                    workdir, split, syn[f"{split}_images"], params["seed"], spec, cpu_threads()
+                ),
                 0,
+                None,
             )
             for split in SPLITS
         }
     vis = cfg["visdrone"]
     root = (PROJECT_ROOT / vis["root"]).resolve()
-    found = {split: root / vis[f"{split}_dir"] for split in SPLITS}
+    found = {split: root / vis[f"{split}_dir"] for split in ("train", "val")}
     missing = [str(p) for p in found.values() if not p.is_dir()]
     if missing:
         raise DatasetError(
@@ -232,19 +270,34 @@ def raw_splits(params: dict, workdir: Path) -> dict[str, tuple[Path, int]]:
             f"{root}/{vis['train_dir']}/images and .../annotations exist (or set "
             f"dataset.visdrone.root / train_dir / val_dir in params.yaml)."
         )
-    return {split: (path, vis["max_images"]) for split, path in found.items()}
+    limit = vis["max_images"]
+    test_dir = root / vis["test_dir"]
+    if test_dir.is_dir():
+        return {**{s: (p, limit, None) for s, p in found.items()}, "test": (test_dir, limit, None)}
+    halves = split_by_sequence(source_images(found["val"]))
+    if not halves["val"] or not halves["test"]:
+        raise DatasetError(
+            f"{test_dir} not found, and {found['val']} holds a single video sequence, which "
+            f"cannot be divided into val and test: unpack VisDrone2019-DET-test-dev there (or "
+            f"set dataset.visdrone.test_dir)."
+        )
+    return {
+        "train": (found["train"], limit, None),
+        **{s: (found["val"], limit, images) for s, images in halves.items()},
+    }
 
 
 def plot_stats(per_split: dict[str, SplitStats], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 1]})
-    width = 0.4
+    width = 0.8 / len(per_split)
     for i, (split, stats) in enumerate(per_split.items()):
-        xs = [j + (i - 0.5) * width for j in range(len(VISDRONE_CLASSES))]
+        offset = (i - (len(per_split) - 1) / 2) * width
+        xs = [j + offset for j in range(len(VISDRONE_CLASSES))]
         ax1.bar(xs, [stats.boxes[c] for c in VISDRONE_CLASSES], width, label=split)
         ax2.bar(
-            [j + (i - 0.5) * width for j in range(3)],
+            [j + offset for j in range(3)],
             [stats.sizes[s] for s in ("small", "medium", "large")],
             width,
             label=split,
@@ -262,8 +315,8 @@ def main() -> None:
     params = P.load(SCHEMA)
     per_split: dict[str, SplitStats] = {}
     with tempfile.TemporaryDirectory(prefix="raw-") as workdir, atomic_path(DATA_DIR) as dst:
-        for split, (src, limit) in raw_splits(params, Path(workdir)).items():
-            per_split[split] = convert_split(src, dst, split, limit)
+        for split, (src, limit, images) in raw_splits(params, Path(workdir)).items():
+            per_split[split] = convert_split(src, dst, split, limit, images)
         write_data_yaml(dst)
 
     metrics = {}
@@ -288,10 +341,10 @@ def main() -> None:
         [(f"{s} images / boxes", f"{m['images']} / {m['boxes']}") for s, m in metrics.items()]
         + [
             (
-                "val small/medium/large",
-                "{size_small}/{size_medium}/{size_large}".format(**metrics["val"]),
+                "test small/medium/large",
+                "{size_small}/{size_medium}/{size_large}".format(**metrics["test"]),
             ),
-            ("dropped (train+val)", dict(sum((s.dropped for s in per_split.values()), Counter()))),
+            ("dropped (all splits)", dict(sum((s.dropped for s in per_split.values()), Counter()))),
             ("clipped boxes", sum(s.clipped for s in per_split.values())),
             written(DATA_DIR, REPORT_DIR),
         ],

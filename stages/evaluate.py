@@ -1,7 +1,10 @@
-"""Stage `evaluate`: measure every model of the pipeline on the same val split.
+"""Stage `evaluate`: measure every model of the pipeline on the test split.
 
-For each checkpoint (baseline, sparse, pruned, distilled) and for the deployed artifact written by
-trt_build (ONNX on ONNX Runtime, or a TensorRT engine):
+Test is the split no stage decides anything on (val drives per-epoch validation, the sparsity
+schedule and every choice from a sweep), so these numbers are measurements, not tuned values.
+For each checkpoint (baseline, sparse, pruned, distilled), for the deployed artifact written by
+trt_build (ONNX on ONNX Runtime, or a TensorRT engine) and for the baseline deployed the same way
+(``baseline_deployed``, the reference for the deploy runtime):
 
 - accuracy: AP50, mAP50-95, precision, recall and per-class AP50 from ultralytics validation (the
   same pre- and post-processing for every backend), and COCO AP (IoU 0.5:0.95) of small, medium
@@ -12,10 +15,14 @@ trt_build (ONNX on ONNX Runtime, or a TensorRT engine):
   FPS = 1000 / median ms, on the CPU for every PyTorch model and the ONNX Runtime artifact, and on
   the GPU (PyTorch models and the TensorRT engine) when params.yaml names a CUDA device and one is
   present. Models on one device are timed in turns, pass by pass, before any validation runs.
+  Speedups compare like with like: a PyTorch model with the PyTorch baseline, a deployed model
+  with the deployed baseline on the same runtime; the deployed model against the PyTorch baseline
+  is reported apart, as the end-to-end speedup.
 
 Writes reports/metrics.json (DVC metrics, keys like ``distilled.ap50``), reports/summary.md (the
 paper's table), and under reports/evaluate/: models.csv and per_class_ap50.csv (DVC plots) with
-PNG charts for people.
+PNG charts for people, and environment.json (package versions, torch build, CPU, threads,
+device), so that a metrics diff can be told apart from a machine diff.
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ from ultralytics import YOLO
 
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.images import VAL_IMAGES, image_files
+from stages.common.environment import describe_environment
+from stages.common.images import TEST_IMAGES, image_files
 from stages.common.outputs import (
     atomic_path,
     print_summary,
@@ -57,10 +65,13 @@ MODELS = {
 }
 DEPLOY_RECORD = PROJECT_ROOT / "models" / "deploy" / "deploy.json"  # written by trt_build
 DEPLOYED_FROM = "distilled"  # the checkpoint trt_build deploys
+# The deploy runtime's rows, and the checkpoint each was built from.
+DEPLOYED = {"baseline_deployed": "baseline", "deployed": DEPLOYED_FROM}
 METRICS_OUT = PROJECT_ROOT / "reports" / "metrics.json"
 SUMMARY_OUT = PROJECT_ROOT / "reports" / "summary.md"
 REPORT_DIR = PROJECT_ROOT / "reports" / "evaluate"
-VAL_LABELS = VAL_IMAGES.parents[1] / "labels" / "val"
+ENVIRONMENT_OUT = REPORT_DIR / "environment.json"
+TEST_LABELS = TEST_IMAGES.parents[1] / "labels" / "test"
 SIZES = ("small", "medium", "large")  # COCO area buckets: < 32², < 96², the rest
 TABLE_COLUMNS = (
     "params_m",
@@ -235,12 +246,13 @@ def coco_size_ap(
 def accuracy(
     detector: YOLO, run_name: str, params: dict, ground_truth: dict
 ) -> tuple[dict[str, float | None], dict[str, float]]:
-    """Headline accuracy (metrics.json) and per-class AP50 of one model on the val split."""
+    """Headline accuracy (metrics.json) and per-class AP50 of one model on the test split."""
     predictions_file = yolo.RUNS_DIR / run_name / "predictions.json"
     predictions_file.unlink(missing_ok=True)  # ultralytics writes none when nothing is detected
     results = yolo.validate(
         detector,
         run_name,
+        "test",
         imgsz=params["imgsz"],
         batch=params["evaluate"]["batch"],
         device=params["device"],
@@ -281,32 +293,71 @@ def _shown(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def summary_table(metrics: dict[str, dict], imgsz: int) -> str:
-    """A Markdown table in the paper's shape, with changes relative to the baseline."""
+def _speedup(reference: dict, model: dict, device: str) -> str:
+    ref, ms = reference.get(f"{device}_latency_ms"), model.get(f"{device}_latency_ms")
+    return "–" if ref is None or ms is None else f"{ref / ms:.2f}x"
+
+
+def _kept(model: dict, base: dict) -> str:
+    """AP50 as a share of the baseline's ("–" when the baseline detects nothing)."""
+    return f"{model['ap50'] / base['ap50']:.1%}" if base["ap50"] else "–"
+
+
+def compression_headline(metrics: dict[str, dict], runtimes: dict[str, str]) -> str:
+    """The paper's question in one sentence: accuracy kept, size cut, speed gained."""
+    base, model = metrics["baseline"], metrics[DEPLOYED_FROM]
+    deployed, reference = metrics["deployed"], metrics["baseline_deployed"]
+    device = "gpu" if "gpu_latency_ms" in deployed else "cpu"
+    return (
+        f"**{DEPLOYED_FROM}** keeps **{_kept(model, base)}** of the baseline's "
+        f"test AP50 ({model['ap50']:.3f} vs {base['ap50']:.3f}) with "
+        f"**{1 - model['params_m'] / base['params_m']:.1%} fewer params** and "
+        f"**{1 - model['gflops'] / base['gflops']:.1%} fewer FLOPs**. Deployed on "
+        f"{runtimes['deployed']}, it is {_speedup(reference, deployed, device)} as fast as the "
+        f"baseline deployed the same way, and {_speedup(base, deployed, device)} end to end "
+        f"(against the PyTorch baseline on the {device.upper()})."
+    )
+
+
+def summary_table(metrics: dict[str, dict], imgsz: int, runtimes: dict[str, str]) -> str:
+    """A Markdown table in the paper's shape, with changes relative to the baseline.
+
+    Each row's speedup is against the baseline on the same runtime (PyTorch rows against the
+    PyTorch baseline, deployed rows against ``baseline_deployed``); the end-to-end column is
+    against the PyTorch baseline for every row.
+    """
     base = metrics["baseline"]
-    devices = [d for d in ("cpu", "gpu") if f"{d}_latency_ms" in base]
-    head = ["model", "params (M)", "FLOPs (G)", "MACs (G)", "AP50", "mAP50-95"]
-    head += ["AP small", "AP medium", "AP large"]
+    devices = [d for d in ("cpu", "gpu") if any(f"{d}_latency_ms" in m for m in metrics.values())]
+    head = ["model", "runtime", "params (M)", "FLOPs (G)", "MACs (G)", "AP50", "mAP50-95"]
+    head += ["AP small", "AP medium", "AP large", "AP50 kept"]
     for d in devices:
         head += [f"{d.upper()} ms", f"{d.upper()} FPS"]
-    head += ["params", "FLOPs"] + [f"{d.upper()} speedup" for d in devices]
+    head += ["params", "FLOPs"]
+    for d in devices:
+        head += [f"{d.upper()} speedup, same runtime", f"{d.upper()} speedup, end-to-end"]
     lines = [
-        f"Models on the val split at imgsz {imgsz}. FLOPs = 2 x MACs of the fused model. AP "
+        compression_headline(metrics, runtimes),
+        "",
+        f"Models on the test split at imgsz {imgsz}. FLOPs = 2 x MACs of the fused model. AP "
         f"small/medium/large: COCO AP (IoU 0.5:0.95) of objects < 32², < 96², larger (pixels of "
-        f"the original image). Latency: median per image (batch 1, fp32), models on one device "
-        f"timed in turns in one run; speedup = baseline ms / model ms on the same device.",
+        f"the original image). AP50 kept = AP50 / baseline AP50. Latency: median per image "
+        f"(batch 1, fp32 unless the runtime says otherwise), models on one device timed in turns "
+        f"in one run. Speedup, same runtime: against the baseline on the row's own runtime "
+        f"(`baseline_deployed` is the baseline exported and built exactly like `deployed`); "
+        f"end-to-end: against the PyTorch baseline, so it includes the change of runtime.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for name, m in metrics.items():
-        cells = [name] + [_shown(m.get(k), ".3f") for k in TABLE_COLUMNS]
+        reference = metrics["baseline_deployed"] if name in DEPLOYED else base
+        cells = [name, runtimes[name]] + [_shown(m.get(k), ".3f") for k in TABLE_COLUMNS]
+        cells.append(_kept(m, base))
         for d in devices:
             cells += [_shown(m.get(f"{d}_latency_ms"), ".2f"), _shown(m.get(f"{d}_fps"), ".1f")]
         cells += [f"{(m[k] / base[k] - 1) * 100:+.1f}%" for k in ("params_m", "gflops")]
         for d in devices:
-            ms = m.get(f"{d}_latency_ms")
-            cells.append("–" if ms is None else f"{base[f'{d}_latency_ms'] / ms:.2f}x")
+            cells += [_speedup(reference, m, d), _speedup(base, m, d)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -373,41 +424,51 @@ def main() -> None:
     if not DEPLOY_RECORD.is_file():
         raise FileNotFoundError(f"{DEPLOY_RECORD} not found: run `dvc repro trt_build` first.")
     record = json.loads(DEPLOY_RECORD.read_text())
-    artifact = DEPLOY_RECORD.parent / record["artifact"]
+    artifacts = {
+        "baseline_deployed": DEPLOY_RECORD.parent / record["reference"]["artifact"],
+        "deployed": DEPLOY_RECORD.parent / record["artifact"],
+    }
     shape = record["input_shape"]
     on_gpu = params["device"] != "cpu" and torch.cuda.is_available()
-    if record["backend"] == "tensorrt" and not on_gpu:
+    tensorrt = record["backend"] == "tensorrt"
+    if tensorrt and not on_gpu:
         raise RuntimeError(
-            f"{artifact} is a TensorRT engine but params.yaml device is {params['device']!r} or "
-            f"no CUDA GPU is visible: evaluate it on the machine it was built for."
+            f"{artifacts['deployed']} is a TensorRT engine but params.yaml device is "
+            f"{params['device']!r} or no CUDA GPU is visible: evaluate it on the machine it was "
+            f"built for."
         )
+    runtimes = {name: "PyTorch" for name in MODELS} | {
+        name: f"TensorRT {record['precision']}" if tensorrt else "ONNX Runtime" for name in DEPLOYED
+    }
 
     # Timed first, all together, before validation starts dataloader workers that compete.
     fused = {name: deepcopy(d.model).fuse(verbose=False) for name, d in detectors.items()}
     sizes = {name: yolo.model_size(d.model, imgsz) for name, d in detectors.items()}
-    sizes["deployed"] = sizes[DEPLOYED_FROM]
+    sizes |= {name: sizes[source] for name, source in DEPLOYED.items()}
     timed = {"cpu": {name: torch_runner(m, imgsz, "cpu") for name, m in fused.items()}}
-    if record["backend"] == "onnxruntime":
-        timed["cpu"]["deployed"] = onnx_runner(artifact, shape)
     if on_gpu:
         timed["gpu"] = {  # copies: the CPU runners keep theirs on the CPU
             name: torch_runner(deepcopy(m), imgsz, "cuda:0") for name, m in fused.items()
         }
-        if record["backend"] == "tensorrt":
-            timed["gpu"]["deployed"] = engine_runner(artifact, shape)
+    runner = engine_runner if tensorrt else onnx_runner
+    timed["gpu" if tensorrt else "cpu"] |= {
+        name: runner(path, shape) for name, path in artifacts.items()
+    }
     times = {
         where: latency_ms(runners, cfg["latency_warmup"], cfg["latency_repeats"])
         for where, runners in timed.items()
     }
 
-    ground_truth = coco_ground_truth(VAL_IMAGES, VAL_LABELS, len(detectors["baseline"].names))
-    evaluated = {**detectors, "deployed": YOLO(str(artifact), task="detect")}
-    files = {**MODELS, "deployed": artifact}
+    ground_truth = coco_ground_truth(TEST_IMAGES, TEST_LABELS, len(detectors["baseline"].names))
+    evaluated = {**detectors} | {
+        name: YOLO(str(path), task="detect") for name, path in artifacts.items()
+    }
+    files = {**MODELS, **artifacts}
     metrics, per_class = {}, {}
     for name, detector in evaluated.items():
         headline, per_class[name] = accuracy(detector, f"evaluate-{name}", params, ground_truth)
         metrics[name] = {**headline, **size_metrics(sizes[name], files[name])}
-        images_per_pass = shape[0] if name == "deployed" else 1
+        images_per_pass = shape[0] if name in DEPLOYED else 1
         for where, runs in times.items():
             if name in runs:
                 metrics[name] |= speed_metrics(runs[name], images_per_pass, where)
@@ -421,7 +482,8 @@ def main() -> None:
     ]
     write_json(METRICS_OUT, metrics)
     with atomic_path(SUMMARY_OUT) as tmp:
-        tmp.write_text(summary_table(metrics, imgsz))
+        tmp.write_text(summary_table(metrics, imgsz, runtimes))
+    write_json(ENVIRONMENT_OUT, describe_environment(str(params["device"])))
     write_csv(REPORT_DIR / "models.csv", model_rows)
     write_csv(REPORT_DIR / "per_class_ap50.csv", class_rows)
     plot_accuracy_vs_cost(
@@ -451,6 +513,7 @@ def main() -> None:
     rows.append(
         ("deployed vs PyTorch", f"AP50 {gap:+.4f} ({record['backend']}, {record['precision']})")
     )
+    rows.append(("in short", compression_headline(metrics, runtimes).replace("**", "")))
     rows.append(written(METRICS_OUT, SUMMARY_OUT, REPORT_DIR))
     print_summary("evaluate", rows)
 

@@ -375,7 +375,7 @@ def write_split(
     split_dir = root / f"VisDrone2019-DET-{split}"
     (split_dir / "images").mkdir(parents=True, exist_ok=True)
     (split_dir / "annotations").mkdir(parents=True, exist_ok=True)
-    split_id = {"train": 1, "val": 2}[split]
+    split_id = {"train": 1, "val": 2, "test": 3}[split]
 
     def one(index: int) -> None:
         rng = np.random.default_rng([seed, split_id, index])

@@ -1,5 +1,9 @@
 """Stage `trt_build`: deploy the distilled model — a TensorRT engine where it can run, ONNX always.
 
+The baseline is deployed the same way beside it (``baseline.onnx``/``baseline.engine``), so that
+evaluate can time the compressed model against the uncompressed one on the deploy runtime itself:
+a speedup of compression, not of the change from PyTorch to another runtime.
+
 1. The distilled model is exported to ONNX (static input: ``batch`` x 3 x imgsz x imgsz, opset from
    params, simplified with onnxslim). Its raw output is checked against PyTorch's on random input.
 2. Where a CUDA GPU and the ``tensorrt`` package are present (and ``device`` names a GPU), a
@@ -9,8 +13,9 @@
 3. Otherwise the stage still succeeds and deploys the ONNX model on ONNX Runtime (CPU); the record
    says exactly why no engine was built (no CUDA device, or the import error of tensorrt).
 
-Writes models/deploy/ (model.onnx, model.engine and calibration.cache when built, deploy.json)
-and reports/trt_build/deploy.json (the same record, for `dvc metrics`).
+Writes models/deploy/ (model.onnx and baseline.onnx; model.engine, baseline.engine and their
+``*.calibration.cache`` when built; deploy.json) and reports/trt_build/deploy.json (the same
+record, for `dvc metrics`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from stages.common.outputs import atomic_path, print_summary, write_json, writte
 from stages.common.runtime import PROJECT_ROOT, TMP_DIR
 
 DISTILLED = PROJECT_ROOT / "models" / "distilled.pt"
+BASELINE = PROJECT_ROOT / "models" / "baseline.pt"  # deployed the same way, as the reference
 DEPLOY_DIR = PROJECT_ROOT / "models" / "deploy"
 RECORD_OUT = PROJECT_ROOT / "reports" / "trt_build" / "deploy.json"
 
@@ -162,7 +168,7 @@ def build_engine(onnx_path: Path, engine_path: Path, cfg: dict, imgsz: int) -> d
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg["workspace_gb"] * 2**30))
-    cache = engine_path.with_name("calibration.cache")
+    cache = engine_path.with_name(f"{engine_path.stem}.calibration.cache")
     if cfg["precision"] in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)  # int8 falls back to fp16, not fp32, where it must
     if cfg["precision"] == "int8":
@@ -182,42 +188,52 @@ def build_engine(onnx_path: Path, engine_path: Path, cfg: dict, imgsz: int) -> d
     }
 
 
+def deploy(
+    source: Path, folder: Path, stem: str, cfg: dict, imgsz: int, reason: str | None
+) -> dict[str, Any]:
+    """Export ``source`` to ``folder/<stem>.onnx`` and, when ``reason`` is None, build
+    ``<stem>.engine`` from it; returns what was deployed."""
+    onnx_path = folder / f"{stem}.onnx"
+    record: dict[str, Any] = {
+        "source": str(source.relative_to(PROJECT_ROOT)),
+        "onnx_max_abs_diff_vs_torch": export_onnx(
+            source, onnx_path, imgsz, cfg["batch"], cfg["opset"]
+        ),
+        "onnx_mb": round(onnx_path.stat().st_size / 2**20, 3),
+    }
+    if reason is None:
+        engine = folder / f"{stem}.engine"
+        record.update(build_engine(onnx_path, engine, cfg, imgsz))
+        record.update(
+            artifact=engine.name,
+            precision=cfg["precision"],
+            engine_mb=round(engine.stat().st_size / 2**20, 3),
+        )
+    else:
+        record.update(artifact=onnx_path.name, precision="fp32")
+    return record
+
+
 def main() -> None:
     params = P.load(SCHEMA)
     cfg = params["trt_build"]
     check_params(cfg)
     imgsz = params["imgsz"]
-    yolo.load_detector(DISTILLED)  # a clear error for a missing or wrong checkpoint, first
+    for path in (DISTILLED, BASELINE):  # a clear error for a missing or wrong checkpoint, first
+        yolo.load_detector(path)
 
+    reason = tensorrt_unavailable(str(params["device"]))
     record: dict[str, Any] = {
-        "source": str(DISTILLED.relative_to(PROJECT_ROOT)),
+        "backend": "onnxruntime" if reason else "tensorrt",
         "input_shape": [cfg["batch"], 3, imgsz, imgsz],
         "opset": cfg["opset"],
     }
+    if reason:
+        record.update(no_engine_because=reason, requested_precision=cfg["precision"])
     with atomic_path(DEPLOY_DIR) as tmp:
         tmp.mkdir()
-        onnx_path = tmp / "model.onnx"
-        record["onnx_max_abs_diff_vs_torch"] = export_onnx(
-            DISTILLED, onnx_path, imgsz, cfg["batch"], cfg["opset"]
-        )
-        record["onnx_mb"] = round(onnx_path.stat().st_size / 2**20, 3)
-        reason = tensorrt_unavailable(str(params["device"]))
-        if reason is None:
-            record.update(build_engine(onnx_path, tmp / "model.engine", cfg, imgsz))
-            record.update(
-                backend="tensorrt",
-                artifact="model.engine",
-                precision=cfg["precision"],
-                engine_mb=round((tmp / "model.engine").stat().st_size / 2**20, 3),
-            )
-        else:
-            record.update(
-                backend="onnxruntime",
-                artifact="model.onnx",
-                precision="fp32",
-                no_engine_because=reason,
-                requested_precision=cfg["precision"],
-            )
+        record.update(deploy(DISTILLED, tmp, "model", cfg, imgsz, reason))
+        record["reference"] = deploy(BASELINE, tmp, "baseline", cfg, imgsz, reason)
         write_json(tmp / "deploy.json", record)
     write_json(RECORD_OUT, record)
 
@@ -228,6 +244,9 @@ def main() -> None:
             f"max |diff| {record['onnx_max_abs_diff_vs_torch']:.2e} on random input",
         ),
     ]
+    lines.append(
+        ("reference", f"{record['reference']['artifact']} (the baseline, deployed the same way)")
+    )
     if "no_engine_because" in record:
         lines.append(("no TensorRT engine", record["no_engine_because"]))
     else:

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages.dataset import DatasetError, convert_annotations, convert_split, parse_line
+from stages.common.images import image_files
+from stages.dataset import (
+    DatasetError,
+    convert_annotations,
+    convert_split,
+    parse_line,
+    raw_splits,
+    split_by_sequence,
+)
 
 # From ../shared/visdrone-sample/README.md: annotation lines per category in the 137 images.
 SAMPLE_PER_CATEGORY = {
@@ -152,3 +160,46 @@ def test_truncated_jpeg_is_unreadable(tmp_path: Path) -> None:
 def test_missing_split_folder_says_what_is_expected(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="images/ and annotations/"):
         convert_split(tmp_path / "nowhere", tmp_path / "out", "val")
+
+
+def test_val_is_split_by_video_sequence_into_val_and_test(visdrone_sample: Path) -> None:
+    """No scene in both halves; every image in exactly one; sequences dealt alternately."""
+    images = image_files(visdrone_sample / "images")
+    halves = split_by_sequence(images)
+    sequence = {split: {p.name.split("_")[0] for p in part} for split, part in halves.items()}
+    assert not sequence["val"] & sequence["test"]
+    assert sorted(halves["val"] + halves["test"]) == images
+    ordered = sorted(sequence["val"] | sequence["test"])
+    assert sorted(sequence["val"]) == ordered[0::2] and sorted(sequence["test"]) == ordered[1::2]
+    assert len(halves["val"]) > 30 and len(halves["test"]) > 30
+
+
+def _visdrone_params(root: Path, test_dir: str) -> dict:
+    return {
+        "seed": 0,
+        "dataset": {
+            "source": "visdrone",
+            "visdrone": {
+                "root": str(root),
+                "train_dir": "train",
+                "val_dir": "val",
+                "test_dir": test_dir,
+                "max_images": 0,
+            },
+        },
+    }
+
+
+def test_test_dev_is_used_when_present_and_a_single_sequence_is_refused(tmp_path: Path) -> None:
+    for split in ("train", "val", "test-dev"):
+        _tiny_split(tmp_path / split)
+    splits = raw_splits(_visdrone_params(tmp_path, "test-dev"), tmp_path)
+    assert splits["test"] == (tmp_path / "test-dev", 0, None)
+    assert splits["val"] == (tmp_path / "val", 0, None)
+    # Without test-dev, val (here: one sequence, "im0"/"im1" are two) is divided.
+    splits = raw_splits(_visdrone_params(tmp_path, "absent"), tmp_path)
+    assert [p.name for p in splits["val"][2]] == ["im0.jpg"]
+    assert [p.name for p in splits["test"][2]] == ["im1.jpg"]
+    (tmp_path / "val" / "images" / "im1.jpg").unlink()
+    with pytest.raises(DatasetError, match="single video sequence"):
+        raw_splits(_visdrone_params(tmp_path, "absent"), tmp_path)

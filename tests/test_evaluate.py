@@ -111,21 +111,30 @@ def test_crowded_real_frames_need_more_than_100_detections(real_truth: dict) -> 
     assert coco_size_ap(truth, perfect, max_detections=100)["ap_small"] < 1.0
 
 
-def test_summary_table_reductions_and_speedups() -> None:
-    def model(params: float, gflops: float, ms: float | None) -> dict:
-        row = {"params_m": params, "gflops": gflops, "gmacs": gflops / 2, "ap50": 0.5}
+def test_summary_table_compares_speed_on_the_same_runtime_and_end_to_end() -> None:
+    def model(params: float, gflops: float, ap50: float, ms: float | None) -> dict:
+        row = {"params_m": params, "gflops": gflops, "gmacs": gflops / 2, "ap50": ap50}
         row |= {"map50_95": 0.3, "ap_small": 0.2, "ap_medium": 0.4, "ap_large": None}
         return row | ({} if ms is None else {"cpu_latency_ms": ms, "cpu_fps": 1000 / ms})
 
-    table = summary_table(
-        {
-            "baseline": model(4.0, 2.0, 10.0),
-            "pruned": model(1.0, 1.5, 4.0),
-            "engine": model(1.0, 1.5, None),
-        },
-        256,
-    )
+    metrics = {
+        "baseline": model(4.0, 2.0, 0.80, 10.0),
+        "pruned": model(1.0, 1.5, 0.60, 4.0),
+        "distilled": model(1.0, 1.5, 0.78, 4.0),
+        "baseline_deployed": model(4.0, 2.0, 0.80, 8.0),
+        "deployed": model(1.0, 1.5, 0.78, 2.0),
+    }
+    runtimes = {name: "PyTorch" for name in ("baseline", "pruned", "distilled")}
+    runtimes |= {"baseline_deployed": "ONNX Runtime", "deployed": "ONNX Runtime"}
+    table = summary_table(metrics, 256, runtimes)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
-    assert "| -75.0% | -25.0% | 2.50x |" in rows["pruned"]
-    assert rows["engine"].endswith("| – | – | -75.0% | -25.0% | – |")
+    # PyTorch rows: against the PyTorch baseline (10 / 4), the same figure end to end.
+    assert rows["pruned"].endswith("| 75.0% | 4.00 | 250.0 | -75.0% | -25.0% | 2.50x | 2.50x |")
+    # Deployed: 8 / 2 against the baseline on its own runtime, 10 / 2 end to end.
+    assert rows["deployed"].endswith("| -75.0% | -25.0% | 4.00x | 5.00x |")
+    assert rows["deployed"].startswith("| deployed | ONNX Runtime |")
     assert "| 0.200 | 0.400 | – |" in rows["baseline"]  # AP large: no such objects
+    first = table.splitlines()[0]
+    assert "keeps **97.5%** of the baseline's test AP50 (0.780 vs 0.800)" in first
+    assert "**75.0% fewer params** and **25.0% fewer FLOPs**" in first
+    assert "4.00x as fast as the baseline deployed the same way, and 5.00x end to end" in first

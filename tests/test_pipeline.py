@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.common.runtime import has_avx2
+from stages.evaluate import MODELS
 from stages.tools.pareto import experiments
 from tests.conftest import PROJECT_ROOT, STAGES
 
@@ -25,6 +27,7 @@ TINY = {
         "synthetic": {
             "train_images": 16,
             "val_images": 8,
+            "test_images": 8,
             "image_size": 64,
             "objects_min": 3,
             "objects_max": 6,
@@ -116,16 +119,17 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
         assert f"Running stage '{stage}'" in out
 
     stats = json.loads((repo / "reports/dataset/stats.json").read_text())
-    assert stats["train"]["images"] == 16 and stats["val"]["images"] == 8
+    assert stats["train"]["images"] == 16 and stats["val"]["images"] == stats["test"]["images"] == 8
+    assert len(list((repo / "data/yolo/labels/test").glob("*.txt"))) == 8
     assert len(list((repo / "data/yolo/labels/train").glob("*.txt"))) == 16
 
     all_metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(all_metrics) == {"baseline", "sparse", "pruned", "distilled", "deployed"}
+    assert set(all_metrics) == {*MODELS, "baseline_deployed", "deployed"}
     metrics = all_metrics["baseline"]
     assert 0.0 <= metrics["ap50"] <= 1.0
     assert {"ap_small", "ap_medium", "ap_large", "cpu_latency_ms", "file_mb"} <= set(metrics)
     per_class = (repo / "reports/evaluate/per_class_ap50.csv").read_text().splitlines()
-    assert per_class[0] == "class,baseline,sparse,pruned,distilled,deployed"
+    assert per_class[0] == "class,baseline,sparse,pruned,distilled,baseline_deployed,deployed"
     assert len(per_class) == 11  # the ten VisDrone classes
     models = (repo / "reports/evaluate/models.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in models[1:]] == list(all_metrics)
@@ -156,6 +160,12 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     record = json.loads((repo / "reports/trt_build/deploy.json").read_text())
     assert record["backend"] == "onnxruntime" and record["no_engine_because"]
     assert (repo / "models/deploy/model.onnx").stat().st_size > 100_000
+    assert record["reference"]["artifact"] == "baseline.onnx"  # the baseline, deployed alike
+    assert all_metrics["baseline_deployed"]["params_m"] == metrics["params_m"]
+    summary = (repo / "reports/summary.md").read_text()
+    assert "speedup, same runtime" in summary and "end-to-end" in summary
+    environment = json.loads((repo / "reports/evaluate/environment.json").read_text())
+    assert environment["packages"]["ultralytics"] and environment["threads"]["torch"] >= 1
     assert abs(all_metrics["deployed"]["ap50"] - all_metrics["distilled"]["ap50"]) <= 0.01
     channels = (repo / "reports/prune/channels.csv").read_text().splitlines()
     assert channels[0] == "layer,before,after" and len(channels) > 50
@@ -238,6 +248,39 @@ def test_an_experiment_shows_in_metrics_diff_plots_diff_pr_comment_and_pareto(
     assert (sweep / "pareto.png").stat().st_size > 1000
 
 
+def test_distill_ablation_runs_all_three_arms_and_reports_on_test(
+    tiny_repo: tuple[Path, dict],
+) -> None:
+    """The ablation tool end to end: plain fine-tuning, CWD and ultralytics' own distillation
+    (its `distill_model` train arg on our pruned student), each over two seeds."""
+    repo, env = tiny_repo
+    _reproduced(repo, env)
+    out_dir = repo.parent / "ablation"
+    command = [sys.executable, "-m", "stages.tools.distill_ablation", "--seeds", "0", "1"]
+    _run([*command, "--weights", "0.1", "--temperatures", "1", "--out", str(out_dir)], repo, env)
+    rows = (out_dir / "ablation.csv").read_text().splitlines()
+    assert rows[0].startswith("arm,seed,weight,temperature,val_ap50,")
+    assert sorted(r.split(",")[0] for r in rows[1:]) == sorted(
+        ["plain"] * 2 + ["cwd w0.1 tau1"] * 2 + ["ultralytics"] * 2
+    )
+    report = (out_dir / "ablation.md").read_text()
+    assert "| cwd w0.1 tau1 (chosen) |" in report and "| ultralytics |" in report
+    # The built-in distillation saved the bare pruned student, not its wrapper or the teacher.
+    check = (
+        "from stages.common.yolo import load_detector; "
+        "a = load_detector('.cache/distill_ablation/ablation-ultralytics-s0.pt'); "
+        "b = load_detector('models/pruned.pt'); "
+        "print(sum(p.numel() for p in a.model.parameters()) == "
+        "sum(p.numel() for p in b.model.parameters()))"
+    )
+    assert _run([sys.executable, "-c", check], repo, env).split()[-1] == "True"
+    # Cached: a second call trains nothing and writes the same report.
+    again = _run(
+        [*command, "--weights", "0.1", "--temperatures", "1", "--out", str(out_dir)], repo, env
+    )
+    assert "Starting training" not in again and (out_dir / "ablation.md").read_text() == report
+
+
 def test_ddp_worker_script_runs_our_trainers_with_their_settings(
     tiny_repo: tuple[Path, dict],
 ) -> None:
@@ -308,6 +351,79 @@ def test_a_dvc_remote_gives_a_fresh_clone_the_results_without_rerunning(
     assert "Running stage" not in _run([*dvc, "repro"], clone, clone_env)
 
 
+def test_pr_report_shows_only_what_the_pr_changed_with_and_without_a_remote(
+    tiny_repo: tuple[Path, dict],
+) -> None:
+    """A PR that changes prune.ratio, reported as CI would. With a remote, CI pulls the base's
+    outputs and re-runs only prune and what follows. Without one, CI re-runs everything, on
+    "another machine" here (torch's portable kernels instead of AVX2); the comment must still
+    attribute only the pruned models' metrics to the PR and list the rest as noise."""
+    repo, env = tiny_repo
+    _reproduced(repo, env)
+    dvc = [sys.executable, "-m", "dvc"]
+    remote = repo.parent / "pr-remote"
+    _run([*dvc, "remote", "add", "--local", "-f", "-d", "shared", str(remote)], repo, env)
+    _run([*dvc, "push", "--all-commits"], repo, env)
+    origin = repo.parent / "origin"
+    _run(["git", "clone", "-q", str(repo), str(origin)], repo.parent, env)
+    base = _run(["git", "rev-parse", "--abbrev-ref", "HEAD"], origin, env).strip()
+    _run(["git", "checkout", "-qb", "pr"], origin, env)
+    params = yaml.safe_load((origin / "params.yaml").read_text())
+    params["prune"]["ratio"] = 0.7
+    (origin / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "commit", "-qam", "prune harder"], origin, env)
+    _run(["git", "checkout", "-q", base], origin, env)
+
+    def pr_checkout(name: str, **extra_env: str) -> tuple[Path, dict[str, str]]:
+        clone = repo.parent / name
+        _run(["git", "clone", "-q", "-b", "pr", str(origin), str(clone)], repo.parent, env)
+        return clone, {**env, "PYTHONPATH": str(clone), **extra_env}
+
+    def comment(clone: Path, clone_env: dict[str, str]) -> tuple[str, str]:
+        text = _run(
+            [sys.executable, "-m", "stages.tools.pr_comment", "--base", f"origin/{base}"],
+            clone,
+            clone_env,
+        )
+        caused, noise = text.split("### Metrics that moved without a cause in this PR")
+        return caused, noise.split("### Environment")[0]
+
+    # With a remote: only what the PR changed runs; the pruned models' metrics are the PR's.
+    clone, clone_env = pr_checkout("pr-with-remote")
+    _run([*dvc, "remote", "add", "--local", "-d", "shared", str(remote)], clone, clone_env)
+    out = _run([*dvc, "repro", "--pull", "--allow-missing"], clone, clone_env)
+    assert [s for s in STAGES if f"Running stage '{s}'" in out] == list(STAGES[3:])
+    caused, noise = comment(clone, clone_env)
+    assert "Stages whose inputs this PR changed: `distill`, `evaluate`, `prune`, `trt_build`." in (
+        caused
+    )
+    assert "| reports/metrics.json | pruned.params_m |" in caused
+    assert "ratio_requested" in caused
+    assert "baseline." not in caused and "sparse." not in caused
+    # evaluate re-timed the unchanged baseline: its latency moved, and is listed as noise.
+    noise_rows = [line for line in noise.splitlines() if line.startswith("| reports/")]
+    assert all(row.split(" | ")[1].split(".")[0] in ("baseline", "sparse") for row in noise_rows), (
+        noise_rows
+    )
+
+    # Without a remote, on another machine: everything re-runs, and what the PR did not change
+    # is kept apart.
+    clone, clone_env = pr_checkout("pr-no-remote", ATEN_CPU_CAPABILITY="default")
+    out = _run([*dvc, "repro"], clone, clone_env)
+    assert [s for s in STAGES if f"Running stage '{s}'" in out] == list(STAGES)
+    caused, noise = comment(clone, clone_env)
+    assert "| reports/metrics.json | pruned.params_m |" in caused
+    assert "baseline." not in caused and "`baseline`" not in caused
+    assert "| reports/metrics.json | baseline.cpu_latency_ms |" in noise
+    print(caused + noise)  # the comment's two sections, shown with `pytest -s`
+    text = _run(
+        [sys.executable, "-m", "stages.tools.pr_comment", "--base", f"origin/{base}"],
+        clone,
+        clone_env,
+    )
+    assert "`kernel_caps.ATEN_CPU_CAPABILITY`: avx2 → default" in text or not has_avx2()
+
+
 def test_bad_params_fail_the_stage_with_a_clear_message(tiny_repo: tuple[Path, dict]) -> None:
     repo, env = tiny_repo
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -355,7 +471,7 @@ def test_real_visdrone_frames_flow_through_every_stage(
     assert stats["source"] == "visdrone" and stats["val"]["images"] == 12
     assert stats["val"]["boxes_per_image"] > 50  # crowded real frames, not the synthetic scenes
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(metrics) == {"baseline", "sparse", "pruned", "distilled", "deployed"}
+    assert set(metrics) == {*MODELS, "baseline_deployed", "deployed"}
     assert metrics["pruned"]["params_m"] < metrics["baseline"]["params_m"]
     summary = (repo / "reports/summary.md").read_text()
     assert "| deployed |" in summary

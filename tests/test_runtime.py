@@ -58,3 +58,46 @@ def test_atomic_path_replaces_folders_whole(tmp_path: Path) -> None:
     assert [p.name for p in target.iterdir()] == ["new"]
     write_json(tmp_path / "m.json", {"a": 1})
     assert (tmp_path / "m.json").read_text() == '{\n  "a": 1\n}\n'
+
+
+def test_kernels_are_capped_to_avx2_where_the_cpu_has_it_and_a_user_value_wins() -> None:
+    import subprocess
+    import sys
+
+    from stages.common.runtime import KERNEL_CAPS, PROJECT_ROOT, has_avx2
+
+    show = (
+        "import os, stages, torch; "
+        "print(os.environ.get('ONEDNN_MAX_CPU_ISA'), torch.backends.cpu.get_cpu_capability())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CAPS}
+    done = subprocess.run(
+        [sys.executable, "-c", show], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True
+    )
+    if has_avx2():
+        assert done.stdout.split() == ["AVX2", "AVX2"]
+    else:
+        assert done.stdout.split()[0] == "None"
+    env["ATEN_CPU_CAPABILITY"] = "default"  # the user's choice is kept
+    done = subprocess.run(
+        [sys.executable, "-c", show], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.stdout.split()[-1] == "DEFAULT"
+
+
+def test_installed_environment_is_the_pinned_one() -> None:
+    """constraints.txt lists exactly the project's dependency closure, and the environment the
+    tests run in has those versions (the README's commands install with -c constraints.txt)."""
+    import importlib.metadata as metadata
+
+    from stages.common.runtime import PROJECT_ROOT
+    from stages.tools.constraints import EXTRAS, PROJECT, closure, render
+
+    pinned = (PROJECT_ROOT / "constraints.txt").read_text()
+    assert render(closure(PROJECT, EXTRAS)) == pinned, (
+        "constraints.txt is stale: run `python -m stages.tools.constraints > constraints.txt`"
+    )
+    for line in pinned.splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            assert metadata.version(name).split("+")[0] == version, name

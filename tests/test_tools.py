@@ -9,9 +9,15 @@ import pytest
 import yaml
 
 from stages.common import params as P
-from stages.tools.distill_ablation import markdown, summarize
+from stages.tools.distill_ablation import choose_cwd, interval, markdown, paired
 from stages.tools.pareto import experiments, pareto_front, sweep_rows
-from stages.tools.pr_comment import build_comment
+from stages.tools.pr_comment import (
+    build_comment,
+    changed_stages,
+    environment_diff,
+    metric_stages,
+    split_metrics,
+)
 from stages.tools.profile import apply_profile, load_profile, profiles
 from tests.conftest import PROJECT_ROOT, STAGES
 
@@ -76,24 +82,103 @@ def test_experiments_flatten_dvc_exp_show_and_keep_only_varying_params() -> None
     assert [r["front_latency"] for r in rows] == [True, True, False]
 
 
+def _lock(ratio: float, code: str = "a1", baseline_model: str = "m1") -> dict:
+    """A three-stage dvc.lock: baseline -> prune -> evaluate (models flow as outs -> deps)."""
+    return {
+        "stages": {
+            "baseline": {
+                "cmd": "python -m stages.baseline",
+                "deps": [{"path": "stages/baseline.py", "md5": "b1"}],
+                "params": {"params.yaml": {"baseline": {"epochs": 5}}},
+                "outs": [{"path": "models/baseline.pt", "md5": baseline_model}],
+            },
+            "prune": {
+                "cmd": "python -m stages.prune",
+                "deps": [
+                    {"path": "models/baseline.pt", "md5": baseline_model},
+                    {"path": "stages/prune.py", "md5": code},
+                ],
+                "params": {"params.yaml": {"prune": {"ratio": ratio}}},
+                "outs": [{"path": "models/pruned.pt", "md5": f"p{ratio}{baseline_model}"}],
+            },
+            "evaluate": {
+                "cmd": "python -m stages.evaluate",
+                "deps": [{"path": "models/pruned.pt", "md5": f"p{ratio}{baseline_model}"}],
+                "outs": [{"path": "reports/summary.md", "md5": "s"}],
+            },
+        }
+    }
+
+
+def test_changed_stages_follow_own_inputs_not_upstream_noise() -> None:
+    # Another machine retrained the baseline (new model hash), nothing else changed: no stage
+    # is the PR's, although every downstream dep hash differs.
+    assert changed_stages(_lock(0.6), _lock(0.6, baseline_model="m2")) == (set(), set())
+    # A param or a code change is the PR's, and so is everything downstream of it.
+    assert changed_stages(_lock(0.6), _lock(0.7, baseline_model="m2")) == (
+        {"prune"},
+        {"prune", "evaluate"},
+    )
+    assert changed_stages(_lock(0.6), _lock(0.6, code="a2"))[1] == {"prune", "evaluate"}
+    assert changed_stages({}, _lock(0.6))[0] == {"baseline", "prune", "evaluate"}  # no base lock
+
+
+def test_metrics_are_split_into_the_prs_and_noise() -> None:
+    files = metric_stages(
+        {"stages": {"prune": {"metrics": [{"reports/prune/prune.json": {"cache": False}}]}}}
+    )
+    assert files == {"reports/prune/prune.json": "prune"}
+    files["reports/metrics.json"] = "evaluate"
+    diff = {
+        "reports/metrics.json": {
+            "baseline.cpu_latency_ms": {"old": 19.0, "new": 20.0, "diff": 1.0},
+            "pruned.ap50": {"old": 0.6, "new": 0.5, "diff": -0.1},
+            "deployed.ap50": {"old": 0.6, "new": 0.5, "diff": -0.1},
+        },
+        "reports/prune/prune.json": {"ratio_requested": {"old": 0.6, "new": 0.7, "diff": 0.1}},
+    }
+    caused, noise = split_metrics(diff, files, {"prune"}, {"prune", "distill", "trt_build"})
+    assert [r[1] for r in caused] == ["pruned.ap50", "deployed.ap50", "ratio_requested"]
+    assert [r[1] for r in noise] == ["baseline.cpu_latency_ms"]
+    # A change to evaluate itself (e.g. its batch) makes every model's metrics the PR's.
+    caused, noise = split_metrics(diff, files, {"evaluate"}, {"evaluate"})
+    assert len(caused) == 3 and [r[1] for r in noise] == ["ratio_requested"]
+
+
+def test_environment_diff_names_what_differs() -> None:
+    a = {"packages": {"torch": "2.14.1", "numpy": "2.4"}, "threads": 2}
+    b = {"packages": {"torch": "2.14.1", "numpy": "2.3"}, "threads": 2, "gpu": None}
+    assert environment_diff(a, a) == []
+    assert environment_diff(a, b) == ["`packages.numpy`: 2.4 → 2.3"]
+    assert environment_diff(None, {"threads": 2}) == ["`threads`: None → 2"]
+
+
 def test_pr_comment_has_every_section_and_says_when_nothing_changed() -> None:
-    header_only = "| Path | Metric | main | workspace | Change |\n|---|---|---|---|---|\n"
-    changed = header_only + "| reports/metrics.json | pruned.ap50 | 0.6 | 0.7 | 0.1 |\n"
+    row = ("reports/metrics.json", "pruned.ap50", 0.6, 0.7, 0.1)
+    noise = ("reports/metrics.json", "baseline.cpu_latency_ms", 19.0, 20.5, 1.5)
     comment = build_comment(
         "origin/main",
-        header_only,
-        changed,
+        "| Path | Param | main | workspace | Change |\n|---|---|---|---|---|\n",
+        [row],
+        [noise],
+        {"prune", "evaluate"},
+        ["`packages.numpy`: 2.4 → 2.3"],
         "| model |\n|---|\n| baseline |",
         {"Accuracy": "reports/evaluate/accuracy.png"},
     )
     assert comment.startswith("## Compression pipeline: this PR vs `origin/main`")
     assert "No params changed." in comment
-    assert "| reports/metrics.json | pruned.ap50 | 0.6 | 0.7 | 0.1 |" in comment
+    assert "Stages whose inputs this PR changed: `evaluate`, `prune`." in comment
+    caused_part, noise_part = comment.split("### Metrics that moved without a cause")
+    assert "| reports/metrics.json | pruned.ap50 | 0.6 | 0.7 | 0.1 |" in caused_part
+    assert "baseline.cpu_latency_ms" in noise_part and "baseline" not in caused_part
+    assert "- `packages.numpy`: 2.4 → 2.3" in comment
     assert "| baseline |" in comment
     assert "![Accuracy](reports/evaluate/accuracy.png)" in comment
-    bare = build_comment("HEAD", "", "", "", {})
-    assert "No metric changed." in bare and "did `dvc repro` run?" in bare and "###" in bare
-    assert "Plots" not in bare
+    bare = build_comment("HEAD", "", [], [], set(), [], "", {})
+    assert "No metric of these stages changed." in bare and "did `dvc repro` run?" in bare
+    assert "None: every stage this PR did not change kept its metrics." in bare
+    assert "Same environment record as the base." in bare and "Plots" not in bare
 
 
 def test_profile_switch_and_back_restores_params_yaml_byte_for_byte() -> None:
@@ -141,20 +226,31 @@ def test_a_profile_key_params_yaml_lacks_is_refused() -> None:
         apply_profile((PROJECT_ROOT / "params.yaml").read_text(), {"prune": {"ratoi": 0.5}})
 
 
-def test_ablation_summary_pairs_each_seed_with_plain_fine_tuning() -> None:
-    rows = [
-        {"weight": w, "seed": seed, "ap50": ap50, "map50_95": ap50 / 2}
-        for w, results in ((0.0, (0.70, 0.72, 0.74)), (1.0, (0.71, 0.71, 0.76)))
-        for seed, ap50 in enumerate(results)
-    ]
-    plain, cwd = summarize(rows)
-    assert plain["weight"] == 0 and "ap50_gain" not in plain
-    assert plain["ap50"] == pytest.approx(0.72) and plain["ap50_std"] == pytest.approx(0.02)
-    assert plain["map50_95"] == pytest.approx(0.36)
-    # Paired differences by hand: +0.01, -0.01, +0.02.
-    assert cwd["ap50_gain"] == pytest.approx(0.02 / 3)
-    assert cwd["ap50_gain_std"] == pytest.approx(0.0152753, abs=1e-6)
-    assert cwd["wins"] == 2 and cwd["seeds"] == 3
-    cfg = {"teacher": "baseline", "temperature": 1.0, "level_weights": [1, 1, 0.5], "epochs": 4}
-    table = markdown([plain, cwd], cfg)
-    assert "| 1 | 3 | 0.7267 ± 0.0289 |" in table and "+0.0067 ± 0.0153 | 2/3 seeds |" in table
+def test_ablation_chooses_on_val_and_pairs_each_seed_on_test() -> None:
+    def arm(name: str, val: tuple, test: tuple) -> list[dict]:
+        return [
+            {"arm": name, "seed": s, "val_ap50": v, "test_ap50": t, "test_map50_95": t / 2}
+            for s, (v, t) in enumerate(zip(val, test, strict=True))
+        ]
+
+    rows = (
+        arm("plain", (0.60, 0.60, 0.60), (0.70, 0.72, 0.74))
+        # best on test, worst on val: must not be chosen
+        + arm("cwd w1 tau1", (0.50, 0.50, 0.50), (0.90, 0.90, 0.90))
+        + arm("cwd w0.1 tau1", (0.61, 0.62, 0.63), (0.71, 0.71, 0.76))
+        + arm("ultralytics", (0.60, 0.60, 0.60), (0.69, 0.70, 0.71))
+    )
+    assert choose_cwd(rows) == "cwd w0.1 tau1"
+    # Paired differences by hand: +0.01, -0.01, +0.02 -> mean 0.00667, sd 0.0152753; the 95%
+    # t quantile with 2 degrees of freedom is 4.302653.
+    d = paired(rows, "cwd w0.1 tau1", "plain")
+    assert d["mean"] == pytest.approx(0.02 / 3)
+    assert d["half"] == pytest.approx(4.302653 * 0.0152753 / 3**0.5, abs=1e-6)
+    assert (d["wins"], d["seeds"]) == (2, 3)
+    assert interval([1.0, 1.0, 1.0]) == (1.0, 0.0)
+    cfg = {"teacher": "baseline", "epochs": 4}
+    table = markdown(rows, "cwd w0.1 tau1", cfg)
+    assert "| cwd w0.1 tau1 (chosen) |" in table
+    assert "| cwd w0.1 tau1 − plain | +0.0067 ± 0.0379 | 2/3 seeds |" in table
+    assert "| ultralytics | 0.7000 ± 0.0248 |" in table
+    assert "0.9000" not in table.split("**Reported on test**")[1]  # the unchosen arm stays out

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 TRAIN_IMAGES = PROJECT_ROOT / "data" / "yolo" / "images" / "train"
 VAL_IMAGES = PROJECT_ROOT / "data" / "yolo" / "images" / "val"
+TEST_IMAGES = PROJECT_ROOT / "data" / "yolo" / "images" / "test"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 

@@ -9,7 +9,11 @@ import torch or ultralytics, so these settings hold everywhere:
 - every config, cache and temp file goes below ``<project>/.cache/`` (git- and DVC-ignored), never
   into the user's home directory;
 - torch uses every CPU core (ultralytics would leave one idle, which makes CPU training ~1.7x
-  slower on a 2-core machine).
+  slower on a 2-core machine);
+- on x86 CPUs with AVX2, torch, oneDNN and MKL are capped to their AVX2 kernels
+  (:data:`KERNEL_CAPS`), so that a CPU with AVX-512 runs the same kernels, with the same float
+  summation order, as one without: training amplifies the last-bit differences of other kernels
+  into different models (see README, "Reproducibility"). A value the user set is kept.
 """
 
 from __future__ import annotations
@@ -31,8 +35,34 @@ TMP_DIR = CACHE_DIR / "tmp"
 _FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
 
 
+# Read by torch (ATen), oneDNN and MKL when they pick kernels for this CPU.
+KERNEL_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+
+
+def has_avx2() -> bool:
+    """Whether this CPU has AVX2 (torch would crash forced to AVX2 kernels on one without)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return False
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return "avx2" in line.split()
+    return False
+
+
+# Overrides the thread count: the number of threads changes how reductions are split, and so
+# the trained models; set it to reproduce metrics made on a machine with another core count.
+THREADS_VARIABLE = "PIPELINE_THREADS"
+
+
 def cpu_threads() -> int:
-    """Number of threads torch should use: all cores this process may run on."""
+    """Number of threads torch should use: $PIPELINE_THREADS, or every core this process may
+    run on."""
+    value = os.environ.get(THREADS_VARIABLE, "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"${THREADS_VARIABLE} = {value!r}: expected a positive integer")
+        return int(value)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
@@ -59,6 +89,9 @@ def configure_environment() -> None:
             "MPLBACKEND": "Agg",
         }
     )
+    if has_avx2():
+        for name, value in KERNEL_CAPS.items():
+            os.environ.setdefault(name, value)
     tempfile.tempdir = str(TMP_DIR)
     _install_fonts()
 

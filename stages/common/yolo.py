@@ -242,8 +242,8 @@ class PredictionsValidator(DetectionValidator):
         return stats
 
 
-def validate(model: YOLO, run_name: str, **args: Any) -> Any:
-    """ultralytics validation on the val split; returns its DetMetrics.
+def validate(model: YOLO, run_name: str, split: str = "val", **args: Any) -> Any:
+    """ultralytics validation on one split (val decides, test reports); returns its DetMetrics.
 
     ``rect=False``: every backend sees the same square imgsz x imgsz letterbox. ultralytics'
     default rectangular batches pad val images by half a stride (256 -> 288), which exported
@@ -252,7 +252,7 @@ def validate(model: YOLO, run_name: str, **args: Any) -> Any:
     return model.val(
         validator=PredictionsValidator,
         data=str(check_dataset()),
-        split="val",
+        split=split,
         rect=False,
         project=str(RUNS_DIR),
         name=run_name,

@@ -1,146 +1,184 @@
-"""What CWD is worth: the distill stage at several CWD weights, each over several seeds.
+"""What CWD is worth: CWD against plain fine-tuning and ultralytics' own distillation.
 
-    python -m stages.tools.distill_ablation                         # weights 0 and 1, seeds 0 1 2
-    python -m stages.tools.distill_ablation --weights 0 0.1 1 --seeds 0 1 2 3 4
+    python -m stages.tools.distill_ablation                                  # 5 seeds
+    python -m stages.tools.distill_ablation --weights 0.05 0.1 0.3 --temperatures 1 2
 
 Runs on the pipeline's current state (after `dvc repro`): the pruned student, the teacher and
-every other `distill` param from params.yaml; only the CWD weight and the training seed vary
-(weight 0 is plain fine-tuning with the same budget). The seed changes the augmentation and the
-batch order, so the spread over seeds is the noise a single run's difference must beat. Each
-weight is compared with weight 0 seed by seed (a paired difference).
+every other `distill` param from params.yaml. Three arms, each over the same seeds with the same
+student, teacher, trainer settings and budget:
 
-Writes reports/distill_ablation/ablation.csv (one row per run) and ablation.md (per weight:
-mean and standard deviation of AP50 and mAP50-95, the paired AP50 difference to plain fine-tuning
-and on how many seeds CWD won). Not DVC outputs: run on demand. About 2 minutes per run on the
-default profile on 2 CPU cores.
+- ``plain``: fine-tuning alone (the distill stage at CWD weight 0);
+- ``cwd``: the distill stage with each candidate CWD weight x temperature;
+- ``ultralytics``: ultralytics' built-in feature distillation (train arg ``distill_model``: a
+  score-weighted L2 loss on the neck features through projectors) at its default weight ``dis``.
+
+Every run is measured on val and on test. The CWD candidate is **chosen on val** (best mean val
+AP50 over seeds); the three arms are **reported on test** only, with 95% t-intervals and paired
+differences (same seed: same augmentation and batch order). Writes
+reports/distill_ablation/ablation.csv (one row per run) and ablation.md. Not DVC outputs: run on
+demand. Each run is cached in .cache/distill_ablation/ under a hash of everything it depends on,
+so an interrupted ablation resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from scipy import stats
+
 from stages import distill
 from stages.common import params as P
 from stages.common import yolo
-from stages.common.outputs import atomic_path, print_summary, write_csv, written
+from stages.common.outputs import atomic_path, print_summary, write_csv, write_json, written
 from stages.common.runtime import CACHE_DIR, PROJECT_ROOT
 
 OUT_DIR = PROJECT_ROOT / "reports" / "distill_ablation"
 WORK_DIR = CACHE_DIR / "distill_ablation"
+ULTRALYTICS_DIS = 6.0  # ultralytics 8.4's default weight of its distillation loss
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the two-sided t confidence interval of the mean."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    t = stats.t.ppf(0.5 + level / 2, len(values) - 1)
+    return mean, float(t * statistics.stdev(values) / len(values) ** 0.5)
 
 
-def summarize(rows: Sequence[dict]) -> list[dict]:
-    """Per weight: mean/std of ap50 and map50_95 over seeds, and the ap50 difference to weight 0
-    on the same seed (mean, std, and the number of seeds where the weight beat weight 0)."""
-    plain = {r["seed"]: r["ap50"] for r in rows if r["weight"] == 0}
-    summary = []
-    for weight in sorted({r["weight"] for r in rows}):
-        runs = [r for r in rows if r["weight"] == weight]
-        ap50, ap50_std = _mean_std([r["ap50"] for r in runs])
-        map_, map_std = _mean_std([r["map50_95"] for r in runs])
-        entry = {
-            "weight": weight,
-            "seeds": len(runs),
-            "ap50": ap50,
-            "ap50_std": ap50_std,
-            "map50_95": map_,
-            "map50_95_std": map_std,
-        }
-        diffs = [r["ap50"] - plain[r["seed"]] for r in runs if r["seed"] in plain]
-        if weight != 0 and diffs:
-            entry["ap50_gain"], entry["ap50_gain_std"] = _mean_std(diffs)
-            entry["wins"] = sum(d > 0 for d in diffs)
-        summary.append(entry)
-    return summary
+def paired(rows: Sequence[dict], arm: str, other: str, key: str = "test_ap50") -> dict:
+    """``arm`` minus ``other`` seed by seed: mean, 95% half-width, wins, seeds."""
+    by_seed = {r["seed"]: r[key] for r in rows if r["arm"] == other}
+    diffs = [r[key] - by_seed[r["seed"]] for r in rows if r["arm"] == arm and r["seed"] in by_seed]
+    mean, half = interval(diffs)
+    return {"mean": mean, "half": half, "wins": sum(d > 0 for d in diffs), "seeds": len(diffs)}
 
 
-def markdown(summary: Sequence[dict], cfg: dict) -> str:
+def choose_cwd(rows: Sequence[dict]) -> str:
+    """The CWD arm with the best mean val AP50 (ties: the first)."""
+    arms = sorted({r["arm"] for r in rows if r["arm"].startswith("cwd")})
+    return max(arms, key=lambda a: statistics.fmean(r["val_ap50"] for r in rows if r["arm"] == a))
+
+
+def markdown(rows: Sequence[dict], chosen: str, cfg: dict) -> str:
+    """The report: the val decision, then the three arms and their paired differences on test."""
+    seeds = len({r["seed"] for r in rows})
     lines = [
-        f"distill: teacher {cfg['teacher']}, tau {cfg['temperature']:g}, level weights "
-        f"{cfg['level_weights']}, {cfg['epochs']} epochs; mean ± std over seeds; gain = AP50 "
-        f"minus plain fine-tuning (weight 0) on the same seed.",
+        f"Student: the pruned model; teacher: {cfg['teacher']}; {cfg['epochs']} epochs each, "
+        f"{seeds} seeds; the same trainer settings for every arm. Mean ± 95% t-interval over "
+        f"seeds.",
         "",
-        "| CWD weight | seeds | AP50 | mAP50-95 | AP50 gain vs plain | CWD better on |",
-        "|---|---|---|---|---|---|",
+        "**Decided on val**: CWD candidates (mean val AP50)",
+        "",
+        "| CWD arm | val AP50 |",
+        "|---|---|",
     ]
-    for s in summary:
-        gain = (
-            f"{s['ap50_gain']:+.4f} ± {s['ap50_gain_std']:.4f}"
-            if "ap50_gain" in s
-            else "(baseline)"
-        )
-        wins = f"{s['wins']}/{s['seeds']} seeds" if "wins" in s else ""
-        lines.append(
-            f"| {s['weight']:g} | {s['seeds']} | {s['ap50']:.4f} ± {s['ap50_std']:.4f} | "
-            f"{s['map50_95']:.4f} ± {s['map50_95_std']:.4f} | {gain} | {wins} |"
-        )
+    for arm in sorted({r["arm"] for r in rows if r["arm"].startswith("cwd")}):
+        mean, half = interval([r["val_ap50"] for r in rows if r["arm"] == arm])
+        mark = " (chosen)" if arm == chosen else ""
+        lines.append(f"| {arm}{mark} | {mean:.4f} ± {half:.4f} |")
+    lines += [
+        "",
+        "**Reported on test**",
+        "",
+        "| arm | test AP50 | test mAP50-95 |",
+        "|---|---|---|",
+    ]
+    for arm in ("plain", chosen, "ultralytics"):
+        runs = [r for r in rows if r["arm"] == arm]
+        if runs:
+            a, ah = interval([r["test_ap50"] for r in runs])
+            m, mh = interval([r["test_map50_95"] for r in runs])
+            lines.append(f"| {arm} | {a:.4f} ± {ah:.4f} | {m:.4f} ± {mh:.4f} |")
+    lines += ["", "| paired difference (test AP50) | mean ± 95% CI | better on |", "|---|---|---|"]
+    for arm, other in ((chosen, "plain"), (chosen, "ultralytics"), ("ultralytics", "plain")):
+        d = paired(rows, arm, other)
+        if d["seeds"]:
+            lines.append(
+                f"| {arm} − {other} | {d['mean']:+.4f} ± {d['half']:.4f} | "
+                f"{d['wins']}/{d['seeds']} seeds |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: dict, params: dict, weight: float, seed: int) -> dict:
-    """One distill run (the stage's trainer and budget) at ``weight`` and ``seed``, validated."""
-    cfg = {**cfg, "weight": weight}
+def _digest(*parts: object) -> str:
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for path in (distill.STUDENT, *distill.TEACHERS.values()):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run(cfg: dict, params: dict, arm: str, seed: int, weight: float, tau: float) -> dict:
+    """One fine-tuning run of ``arm`` (cached), measured on val and test."""
+    cfg = {**cfg, "weight": weight, "temperature": tau}
+    name = f"ablation-{arm}-s{seed}"
+    cached = WORK_DIR / f"{name}-{_digest(cfg, params['imgsz'], seed, ULTRALYTICS_DIS)}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
     student = yolo.load_detector(distill.STUDENT)
-    teacher = yolo.load_detector(distill.TEACHERS[cfg["teacher"]])
-    trainer = distill.distill_trainer(cfg, student, teacher, params["imgsz"])
-    name = f"ablation-w{weight:g}-s{seed}"
+    teacher_path = distill.TEACHERS[cfg["teacher"]]
     args = {**yolo.training_args(params, cfg), "seed": seed}
+    if arm == "ultralytics":
+        args |= {"distill_model": str(teacher_path), "dis": ULTRALYTICS_DIS}
+        trainer = yolo.ModelKeepingTrainer
+    else:
+        trainer = distill.distill_trainer(
+            cfg, student, yolo.load_detector(teacher_path), params["imgsz"]
+        )
     trained = yolo.train(
-        student,
-        name,
-        WORK_DIR / f"{name}.pt",
-        WORK_DIR / f"{name}.csv",
-        trainer=trainer,
-        **args,
+        student, name, WORK_DIR / f"{name}.pt", WORK_DIR / f"{name}.csv", trainer=trainer, **args
     )
-    box = yolo.validate(trained, f"{name}-val", imgsz=params["imgsz"], device=params["device"]).box
-    return {
-        "weight": weight,
-        "seed": seed,
-        "ap50": round(float(box.map50), 4),
-        "map50_95": round(float(box.map), 4),
-    }
+    row: dict = {"arm": arm, "seed": seed, "weight": weight, "temperature": tau}
+    for split in ("val", "test"):
+        box = yolo.validate(
+            trained, f"{name}-{split}", split, imgsz=params["imgsz"], device=params["device"]
+        ).box
+        row[f"{split}_ap50"] = round(float(box.map50), 4)
+        row[f"{split}_map50_95"] = round(float(box.map), 4)
+    write_json(cached, row)
+    return row
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--weights", type=float, nargs="+", help="CWD weights (default: params)")
+    parser.add_argument("--temperatures", type=float, nargs="+", help="CWD tau (default: params)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--no-ultralytics", action="store_true", help="skip the built-in arm")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args(argv)
-    if 0 not in args.weights:
-        parser.error(
-            "--weights must include 0: plain fine-tuning is what the others are paired with"
-        )
-    if any(w < 0 for w in args.weights) or len(set(args.seeds)) != len(args.seeds):
-        parser.error("--weights must be >= 0 and --seeds distinct")
     params = P.load(distill.SCHEMA)
     cfg = params["distill"]
+    weights = args.weights or [cfg["weight"]]
+    taus = args.temperatures or [cfg["temperature"]]
+    if any(w <= 0 for w in weights) or any(t <= 0 for t in taus):
+        parser.error("--weights and --temperatures must be > 0 (plain fine-tuning always runs)")
+    if len(set(args.seeds)) != len(args.seeds) or len(args.seeds) < 2:
+        parser.error("--seeds must be at least two distinct seeds")
 
-    rows = [run(cfg, params, w, s) for w in args.weights for s in args.seeds]
+    arms = [("plain", 0.0, cfg["temperature"])]
+    arms += [(f"cwd w{w:g} tau{t:g}", w, t) for w in weights for t in taus]
+    if not args.no_ultralytics:
+        arms.append(("ultralytics", 0.0, cfg["temperature"]))
+    rows = [run(cfg, params, a, s, w, t) for a, w, t in arms for s in args.seeds]
+    chosen = choose_cwd(rows)
     out = args.out.resolve()
     write_csv(out / "ablation.csv", rows)
-    summary = summarize(rows)
     with atomic_path(out / "ablation.md") as tmp:
-        tmp.write_text(markdown(summary, cfg))
+        tmp.write_text(markdown(rows, chosen, cfg))
+    summary = [
+        (f"{arm} − {other}", f"{d['mean']:+.4f} ± {d['half']:.4f} test AP50, {d['wins']} wins")
+        for arm, other in ((chosen, "plain"), (chosen, "ultralytics"))
+        if (d := paired(rows, arm, other))["seeds"]
+    ]
     print_summary(
         "distill ablation",
-        [
-            (
-                f"weight {s['weight']:g}",
-                f"AP50 {s['ap50']:.4f} ± {s['ap50_std']:.4f}"
-                + (f", gain {s['ap50_gain']:+.4f}" if "ap50_gain" in s else ""),
-            )
-            for s in summary
-        ]
-        + [written(out / "ablation.csv", out / "ablation.md")],
+        [("chosen on val", chosen), *summary, written(out / "ablation.csv", out / "ablation.md")],
     )
 
 

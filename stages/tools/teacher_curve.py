@@ -1,0 +1,152 @@
+"""Is the teacher converged? The baseline trained for several epoch budgets, each on test.
+
+    python -m stages.tools.teacher_curve --epochs 10 15 20 25 30
+
+Each budget is a full baseline run (the baseline stage's params with only ``epochs`` changed, so
+the learning-rate schedule and the mosaic switch-off follow the budget as they would in the
+stage), validated on val and on test. Retention figures only mean something when more epochs
+would not raise the teacher: the default ``baseline.epochs`` should sit where the next budget adds
+less than ``--plateau`` (0.01) test AP50. Runs on the pipeline's current dataset (after
+`dvc repro dataset`).
+
+Each point is cached in .cache/teacher_curve/ under a hash of the params it depends on, so adding
+budgets later re-trains only the new ones. Writes reports/teacher_curve/curve.csv (a DVC plot),
+curve.md and curve.png. Not DVC outputs: run on demand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from stages import baseline
+from stages.common import params as P
+from stages.common import yolo
+from stages.common.outputs import (
+    atomic_path,
+    print_summary,
+    save_figure,
+    write_csv,
+    write_json,
+    written,
+)
+from stages.common.runtime import CACHE_DIR, PROJECT_ROOT
+from stages.dataset import SCHEMA as DATASET_SCHEMA
+
+OUT_DIR = PROJECT_ROOT / "reports" / "teacher_curve"
+WORK_DIR = CACHE_DIR / "teacher_curve"
+
+
+def gains(points: Sequence[dict]) -> list[float | None]:
+    """Test AP50 gained by each budget over the next smaller one (None for the first)."""
+    ordered = sorted(points, key=lambda p: p["epochs"])
+    return [None] + [b["test_ap50"] - a["test_ap50"] for a, b in itertools.pairwise(ordered)]
+
+
+def converged_at(points: Sequence[dict], plateau: float) -> int | None:
+    """The smallest budget from which no larger budget adds ``plateau`` or more test AP50."""
+    ordered = sorted(points, key=lambda p: p["epochs"])
+    for i, point in enumerate(ordered[:-1]):
+        if all(p["test_ap50"] - point["test_ap50"] < plateau for p in ordered[i + 1 :]):
+            return point["epochs"]
+    return None
+
+
+def run_point(params: dict, epochs: int) -> dict:
+    """Train the baseline for ``epochs`` (cached by params) and measure val and test AP50."""
+    section = {**params["baseline"], "epochs": epochs}
+    key_source = {k: params[k] for k in ("seed", "imgsz", "dataset")} | {"baseline": section}
+    key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:16]
+    cached = WORK_DIR / f"e{epochs}-{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    source = yolo.check_model_source("baseline.model", section["model"], section["weights_sha256"])
+    name = f"teacher-e{epochs}"
+    trained = yolo.train(
+        yolo.YOLO(source, task="detect"),
+        name,
+        WORK_DIR / f"{name}.pt",
+        WORK_DIR / f"{name}.csv",
+        trainer=baseline.DetectionTrainer,
+        pretrained=source.endswith(".pt"),
+        **yolo.training_args(params, section),
+    )
+    point = {"epochs": epochs}
+    for split in ("val", "test"):
+        box = yolo.validate(
+            trained, f"{name}-{split}", split, imgsz=params["imgsz"], device=params["device"]
+        ).box
+        point[f"{split}_ap50"] = round(float(box.map50), 4)
+        point[f"{split}_map50_95"] = round(float(box.map), 4)
+    write_json(cached, point)
+    return point
+
+
+def markdown(points: Sequence[dict], plateau: float, current: int) -> str:
+    ordered = sorted(points, key=lambda p: p["epochs"])
+    at = converged_at(ordered, plateau)
+    lines = [
+        f"Baseline test AP50 against its epoch budget (each budget a full run; "
+        f"baseline.epochs = {current} in params.yaml). Converged: "
+        + (f"from {at} epochs on, no larger budget adds {plateau:g} or more." if at else "no.")
+        + "",
+        "",
+        "| epochs | val AP50 | test AP50 | test mAP50-95 | test AP50 gain |",
+        "|---|---|---|---|---|",
+    ]
+    for point, gain in zip(ordered, gains(ordered), strict=True):
+        lines.append(
+            f"| {point['epochs']} | {point['val_ap50']:.4f} | {point['test_ap50']:.4f} | "
+            f"{point['test_map50_95']:.4f} | " + ("" if gain is None else f"{gain:+.4f}") + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: Sequence[dict], current: int, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ordered = sorted(points, key=lambda p: p["epochs"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [p["epochs"] for p in ordered]
+    for split in ("val", "test"):
+        ax.plot(xs, [p[f"{split}_ap50"] for p in ordered], marker="o", label=f"{split} AP50")
+    ax.axvline(current, color="grey", linestyle="--", label="baseline.epochs")
+    ax.set_xlabel("baseline epochs (one full run each)")
+    ax.set_ylabel("AP50")
+    ax.set_title("Is the teacher converged?")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, nargs="+", required=True)
+    parser.add_argument("--plateau", type=float, default=0.01)
+    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    args = parser.parse_args(argv)
+    if len(args.epochs) < 2 or min(args.epochs) < 1 or len(set(args.epochs)) != len(args.epochs):
+        parser.error("--epochs needs at least two distinct budgets >= 1")
+    params = P.load({**baseline.SCHEMA, "dataset": DATASET_SCHEMA["dataset"]})
+    yolo.check_dataset()
+    points = [run_point(params, e) for e in sorted(args.epochs)]
+    out = args.out.resolve()
+    current = params["baseline"]["epochs"]
+    write_csv(out / "curve.csv", points)
+    with atomic_path(out / "curve.md") as tmp:
+        tmp.write_text(markdown(points, args.plateau, current))
+    plot(points, current, out / "curve.png")
+    at = converged_at(points, args.plateau)
+    print_summary(
+        "teacher curve",
+        [(f"{p['epochs']} epochs", f"test AP50 {p['test_ap50']:.4f}") for p in points]
+        + [("converged from", f"{at} epochs" if at else "not within these budgets")]
+        + [written(out / "curve.csv", out / "curve.md", out / "curve.png")],
+    )
+
+
+if __name__ == "__main__":
+    main()
