@@ -36,6 +36,7 @@ from stages.common import params as P
 from stages.common import yolo
 from stages.common.outputs import atomic_path, print_summary, write_csv, write_json, written
 from stages.common.runtime import CACHE_DIR, PROJECT_ROOT
+from stages.tools.splits import split_accuracy
 
 OUT_DIR = PROJECT_ROOT / "reports" / "distill_ablation"
 WORK_DIR = CACHE_DIR / "distill_ablation"
@@ -133,13 +134,8 @@ def run(cfg: dict, params: dict, arm: str, seed: int, weight: float, tau: float)
     trained = yolo.train(
         student, name, WORK_DIR / f"{name}.pt", WORK_DIR / f"{name}.csv", trainer=trainer, **args
     )
-    row: dict = {"arm": arm, "seed": seed, "weight": weight, "temperature": tau}
-    for split in ("val", "test"):
-        box = yolo.validate(
-            trained, f"{name}-{split}", split, imgsz=params["imgsz"], device=params["device"]
-        ).box
-        row[f"{split}_ap50"] = round(float(box.map50), 4)
-        row[f"{split}_map50_95"] = round(float(box.map), 4)
+    row = {"arm": arm, "seed": seed, "weight": weight, "temperature": tau}
+    row |= split_accuracy(trained, name, params)
     write_json(cached, row)
     return row
 

@@ -36,6 +36,7 @@ from stages.common.outputs import (
 )
 from stages.common.runtime import CACHE_DIR, PROJECT_ROOT
 from stages.dataset import SCHEMA as DATASET_SCHEMA
+from stages.tools.splits import split_accuracy
 
 OUT_DIR = PROJECT_ROOT / "reports" / "teacher_curve"
 WORK_DIR = CACHE_DIR / "teacher_curve"
@@ -75,13 +76,7 @@ def run_point(params: dict, epochs: int) -> dict:
         pretrained=source.endswith(".pt"),
         **yolo.training_args(params, section),
     )
-    point = {"epochs": epochs}
-    for split in ("val", "test"):
-        box = yolo.validate(
-            trained, f"{name}-{split}", split, imgsz=params["imgsz"], device=params["device"]
-        ).box
-        point[f"{split}_ap50"] = round(float(box.map50), 4)
-        point[f"{split}_map50_95"] = round(float(box.map), 4)
+    point = {"epochs": epochs, **split_accuracy(trained, name, params)}
     write_json(cached, point)
     return point
 
