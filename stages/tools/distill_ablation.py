@@ -23,6 +23,7 @@ so an interrupted ablation resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import statistics
@@ -107,11 +108,17 @@ def markdown(rows: Sequence[dict], chosen: str, cfg: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _digest(*parts: object) -> str:
-    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for path in (distill.STUDENT, *distill.TEACHERS.values()):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+@functools.cache
+def _file_digest(path: Path) -> str:
+    """sha256 of a checkpoint, read once per process (every run keys its cache with it)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest(cfg: dict, *parts: object) -> str:
+    """Cache key of a run: its settings and the student and teacher it trains with."""
+    files = (distill.STUDENT, distill.TEACHERS[cfg["teacher"]])
+    key = [cfg, *parts, *(_file_digest(f) for f in files)]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run(cfg: dict, params: dict, arm: str, seed: int, weight: float, tau: float) -> dict:
