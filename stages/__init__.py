@@ -4,6 +4,8 @@ Importing the package prepares the runtime first (offline ultralytics, caches in
 all CPU cores), so no stage can import ultralytics before that is done.
 """
 
+from stages.common.cli import user_errors_as_messages
 from stages.common.runtime import configure_environment
 
-configure_environment()
+with user_errors_as_messages("stages"):
+    configure_environment()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from ultralytics.models.yolo.detect import DetectionTrainer
 
+from stages.common import cli, yolo
 from stages.common import params as P
-from stages.common import yolo
 from stages.common.outputs import print_summary, written
 from stages.common.runtime import PROJECT_ROOT
 
@@ -56,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, __doc__)

@@ -10,7 +10,8 @@ stages/synthetic.py), `visdrone` reads a real one. The converter maps VisDrone c
 classes 0..9, drops 0 (ignored regions) and 11 (others), clips boxes to the image, drops boxes
 that are empty after clipping, and counts everything it dropped or changed.
 
-Outputs: data/yolo/ (images/, labels/, dataset.yaml), reports/dataset/{stats.json, classes.csv,
+Reads: params `seed` and `dataset`; for `visdrone`, the raw tree under `dataset.visdrone.root`.
+Writes: data/yolo/ (images/, labels/, dataset.yaml), reports/dataset/{stats.json, classes.csv,
 classes.png}.
 """
 
@@ -27,6 +28,7 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
+from stages.common import cli
 from stages.common import params as P
 from stages.common.images import image_files
 from stages.common.outputs import (
@@ -74,7 +76,7 @@ SCHEMA = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(cli.UserError):
     """Raw data the converter cannot use: the message names the file (and line) and the fix."""
 
 
@@ -352,4 +354,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, __doc__)

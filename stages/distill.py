@@ -31,7 +31,7 @@ from torch import nn
 from ultralytics import YOLO
 from ultralytics.utils.torch_utils import unwrap_model
 
-from stages.common import distributed, yolo
+from stages.common import cli, distributed, yolo
 from stages.common import params as P
 from stages.common.images import TRAIN_IMAGES, calibration_batch
 from stages.common.outputs import print_summary, write_json, written
@@ -219,7 +219,7 @@ def check_levels(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> No
     if len(student) != len(teacher) or any(
         s.shape[2:] != t.shape[2:] for s, t in zip(student, teacher, strict=False)
     ):
-        raise ValueError(
+        raise cli.UserError(
             f"teacher feature maps {[tuple(t.shape[1:]) for t in teacher]} do not match the "
             f"student's {[tuple(s.shape[1:]) for s in student]}: the teacher must be a YOLOv8 "
             f"detector with the same detection levels (strides) as the student."
@@ -291,4 +291,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, __doc__)

@@ -3,8 +3,9 @@
 Test is the split no stage decides anything on (val drives per-epoch validation, the sparsity
 schedule and every choice from a sweep), so these numbers are measurements, not tuned values.
 For each checkpoint (baseline, sparse, pruned, distilled), for the deployed artifact written by
-trt_build (ONNX on ONNX Runtime, or a TensorRT engine) and for the baseline deployed the same way
-(``baseline_deployed``, the reference for the deploy runtime):
+trt_build (ONNX or INT8 Q/DQ ONNX on ONNX Runtime, or a TensorRT engine), for the baseline deployed
+the same way (``baseline_deployed``, the reference for the deploy runtime) and, when the deployed
+model is INT8, for the same model in fp32 on the same runtime (``deployed_fp32``):
 
 - accuracy: AP50, mAP50-95, precision, recall and per-class AP50 from ultralytics validation (the
   same pre- and post-processing for every backend), and COCO AP (IoU 0.5:0.95) of small, medium
@@ -16,8 +17,10 @@ trt_build (ONNX on ONNX Runtime, or a TensorRT engine) and for the baseline depl
   the GPU (PyTorch models and the TensorRT engine) when params.yaml names a CUDA device and one is
   present. Models on one device are timed in turns, pass by pass, before any validation runs.
   Speedups compare like with like: a PyTorch model with the PyTorch baseline, a deployed model
-  with the deployed baseline on the same runtime; the deployed model against the PyTorch baseline
-  is reported apart, as the end-to-end speedup.
+  with the deployed baseline on the same runtime and precision; the deployed model against the
+  PyTorch baseline is reported apart, as the end-to-end speedup, and INT8 against fp32 of the
+  same model in the headline. An INT8 model is validated as it is timed: the session that
+  stages/common/quantize.py prepares for this CPU.
 
 Writes reports/metrics.json (DVC metrics, keys like ``distilled.ap50``), reports/summary.md (the
 paper's table), and under reports/evaluate/: models.csv and per_class_ap50.csv (DVC plots) with
@@ -37,13 +40,12 @@ from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from PIL import Image
 from ultralytics import YOLO
 
+from stages.common import cli, quantize, yolo
 from stages.common import params as P
-from stages.common import yolo
 from stages.common.environment import describe_environment
 from stages.common.images import TEST_IMAGES, image_files
 from stages.common.outputs import (
@@ -54,7 +56,7 @@ from stages.common.outputs import (
     write_json,
     written,
 )
-from stages.common.runtime import PROJECT_ROOT, cpu_threads
+from stages.common.runtime import PROJECT_ROOT, TMP_DIR
 
 # The checkpoints of the pipeline, in DAG order: name -> file written by its stage.
 MODELS = {
@@ -65,8 +67,8 @@ MODELS = {
 }
 DEPLOY_RECORD = PROJECT_ROOT / "models" / "deploy" / "deploy.json"  # written by trt_build
 DEPLOYED_FROM = "distilled"  # the checkpoint trt_build deploys
-# The deploy runtime's rows, and the checkpoint each was built from.
-DEPLOYED = {"baseline_deployed": "baseline", "deployed": DEPLOYED_FROM}
+# trt_build's exported models (deploy.json "source") and the checkpoints they come from.
+EXPORTED_FROM = {"model": DEPLOYED_FROM, "baseline": "baseline"}
 METRICS_OUT = PROJECT_ROOT / "reports" / "metrics.json"
 SUMMARY_OUT = PROJECT_ROOT / "reports" / "summary.md"
 REPORT_DIR = PROJECT_ROOT / "reports" / "evaluate"
@@ -122,12 +124,9 @@ def torch_runner(model: torch.nn.Module, imgsz: int, device: str) -> Callable[[]
 
 
 def onnx_runner(path: Path, shape: list[int]) -> Callable[[], object]:
-    """One ONNX Runtime (CPU) pass at the exported, static input shape."""
-    options = ort.SessionOptions()
-    # Idle ORT threads spin by default and would slow the torch models timed in turn with it.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.intra_op_num_threads = cpu_threads()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """One ONNX Runtime (CPU) pass at the exported, static input shape (an INT8 Q/DQ model runs
+    as :func:`quantize.onnx_session` prepares it for this CPU)."""
+    session = quantize.onnx_session(path)
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).random(shape, np.float32)}
     return lambda: session.run(None, feed)
 
@@ -303,11 +302,31 @@ def _kept(model: dict, base: dict) -> str:
     return f"{model['ap50'] / base['ap50']:.1%}" if base["ap50"] else "–"
 
 
-def compression_headline(metrics: dict[str, dict], runtimes: dict[str, str]) -> str:
-    """The paper's question in one sentence: accuracy kept, size cut, speed gained."""
-    base, model = metrics["baseline"], metrics[DEPLOYED_FROM]
-    deployed, reference = metrics["deployed"], metrics["baseline_deployed"]
+def same_runtime_reference(name: str, runtimes: dict[str, str], sources: dict[str, str]) -> str:
+    """The row a row's "same runtime" speedup is against: the baseline's row on the same runtime
+    (and precision); "" when there is none."""
+    return next(
+        (r for r in runtimes if sources[r] == "baseline" and runtimes[r] == runtimes[name]), ""
+    )
+
+
+def compression_headline(
+    metrics: dict[str, dict], runtimes: dict[str, str], sources: dict[str, str]
+) -> str:
+    """The paper's question in one or two sentences: accuracy kept, size cut, speed gained (and
+    what INT8 adds over fp32 on the deploy runtime)."""
+    base, model, deployed = metrics["baseline"], metrics[DEPLOYED_FROM], metrics["deployed"]
+    reference = metrics.get(same_runtime_reference("deployed", runtimes, sources), {})
     device = "gpu" if "gpu_latency_ms" in deployed else "cpu"
+    int8 = ""
+    if "deployed_fp32" in metrics:
+        fp32 = metrics["deployed_fp32"]
+        int8 = (
+            f" Against the same model in fp32 ({runtimes['deployed_fp32']}), the deployed "
+            f"{runtimes['deployed']} model changes test AP50 by "
+            f"**{deployed['ap50'] - fp32['ap50']:+.4f}** and is "
+            f"**{_speedup(fp32, deployed, device)}** as fast."
+        )
     return (
         f"**{DEPLOYED_FROM}** keeps **{_kept(model, base)}** of the baseline's "
         f"test AP50 ({model['ap50']:.3f} vs {base['ap50']:.3f}) with "
@@ -315,16 +334,20 @@ def compression_headline(metrics: dict[str, dict], runtimes: dict[str, str]) -> 
         f"**{1 - model['gflops'] / base['gflops']:.1%} fewer FLOPs**. Deployed on "
         f"{runtimes['deployed']}, it is {_speedup(reference, deployed, device)} as fast as the "
         f"baseline deployed the same way, and {_speedup(base, deployed, device)} end to end "
-        f"(against the PyTorch baseline on the {device.upper()})."
+        f"(against the PyTorch baseline on the {device.upper()})." + int8
     )
 
 
-def summary_table(metrics: dict[str, dict], imgsz: int, runtimes: dict[str, str]) -> str:
+def summary_table(
+    metrics: dict[str, dict], imgsz: int, runtimes: dict[str, str], sources: dict[str, str]
+) -> str:
     """A Markdown table in the paper's shape, with changes relative to the baseline.
 
-    Each row's speedup is against the baseline on the same runtime (PyTorch rows against the
-    PyTorch baseline, deployed rows against ``baseline_deployed``); the end-to-end column is
-    against the PyTorch baseline for every row.
+    ``runtimes`` names each row's runtime (and precision), ``sources`` the checkpoint it was built
+    from. Each row's speedup is against the baseline on the same runtime (PyTorch rows against the
+    PyTorch baseline, deployed rows against ``baseline_deployed``; "–" for a row no baseline runs
+    like, such as ``deployed_fp32`` beside an INT8 deployment); the end-to-end column is against
+    the PyTorch baseline for every row.
     """
     base = metrics["baseline"]
     devices = [d for d in ("cpu", "gpu") if any(f"{d}_latency_ms" in m for m in metrics.values())]
@@ -336,13 +359,13 @@ def summary_table(metrics: dict[str, dict], imgsz: int, runtimes: dict[str, str]
     for d in devices:
         head += [f"{d.upper()} speedup, same runtime", f"{d.upper()} speedup, end-to-end"]
     lines = [
-        compression_headline(metrics, runtimes),
+        compression_headline(metrics, runtimes, sources),
         "",
         f"Models on the test split at imgsz {imgsz}. FLOPs = 2 x MACs of the fused model. AP "
         f"small/medium/large: COCO AP (IoU 0.5:0.95) of objects < 32², < 96², larger (pixels of "
         f"the original image). AP50 kept = AP50 / baseline AP50. Latency: median per image "
-        f"(batch 1, fp32 unless the runtime says otherwise), models on one device timed in turns "
-        f"in one run. Speedup, same runtime: against the baseline on the row's own runtime "
+        f"(batch 1, at the precision the runtime column names), models on one device timed in "
+        f"turns in one run. Speedup, same runtime: against the baseline on the row's own runtime "
         f"(`baseline_deployed` is the baseline exported and built exactly like `deployed`); "
         f"end-to-end: against the PyTorch baseline, so it includes the change of runtime.",
         "",
@@ -350,7 +373,7 @@ def summary_table(metrics: dict[str, dict], imgsz: int, runtimes: dict[str, str]
         "|" + "---|" * len(head),
     ]
     for name, m in metrics.items():
-        reference = metrics["baseline_deployed"] if name in DEPLOYED else base
+        reference = metrics.get(same_runtime_reference(name, runtimes, sources), {})
         cells = [name, runtimes[name]] + [_shown(m.get(k), ".3f") for k in TABLE_COLUMNS]
         cells.append(_kept(m, base))
         for d in devices:
@@ -422,29 +445,31 @@ def main() -> None:
     cfg, imgsz = params["evaluate"], params["imgsz"]
     detectors = {name: yolo.load_detector(path) for name, path in MODELS.items()}
     if not DEPLOY_RECORD.is_file():
-        raise FileNotFoundError(f"{DEPLOY_RECORD} not found: run `dvc repro trt_build` first.")
+        raise cli.UserError(f"{DEPLOY_RECORD} not found: run `dvc repro trt_build` first.")
     record = json.loads(DEPLOY_RECORD.read_text())
-    artifacts = {
-        "baseline_deployed": DEPLOY_RECORD.parent / record["reference"]["artifact"],
-        "deployed": DEPLOY_RECORD.parent / record["artifact"],
-    }
+    deployed = record["artifacts"]  # row -> what trt_build deployed for it
+    artifacts = {row: DEPLOY_RECORD.parent / a["artifact"] for row, a in deployed.items()}
     shape = record["input_shape"]
     on_gpu = params["device"] != "cpu" and torch.cuda.is_available()
     tensorrt = record["backend"] == "tensorrt"
     if tensorrt and not on_gpu:
-        raise RuntimeError(
+        raise cli.UserError(
             f"{artifacts['deployed']} is a TensorRT engine but params.yaml device is "
             f"{params['device']!r} or no CUDA GPU is visible: evaluate it on the machine it was "
             f"built for."
         )
+    runtime_name = "TensorRT" if tensorrt else "ONNX Runtime"
     runtimes = {name: "PyTorch" for name in MODELS} | {
-        name: f"TensorRT {record['precision']}" if tensorrt else "ONNX Runtime" for name in DEPLOYED
+        row: f"{runtime_name} {a['precision']}" for row, a in deployed.items()
+    }
+    sources = {name: name for name in MODELS} | {
+        row: EXPORTED_FROM[a["source"]] for row, a in deployed.items()
     }
 
     # Timed first, all together, before validation starts dataloader workers that compete.
     fused = {name: deepcopy(d.model).fuse(verbose=False) for name, d in detectors.items()}
     sizes = {name: yolo.model_size(d.model, imgsz) for name, d in detectors.items()}
-    sizes |= {name: sizes[source] for name, source in DEPLOYED.items()}
+    sizes |= {row: sizes[sources[row]] for row in deployed}
     timed = {"cpu": {name: torch_runner(m, imgsz, "cpu") for name, m in fused.items()}}
     if on_gpu:
         timed["gpu"] = {  # copies: the CPU runners keep theirs on the CPU
@@ -460,15 +485,16 @@ def main() -> None:
     }
 
     ground_truth = coco_ground_truth(TEST_IMAGES, TEST_LABELS, len(detectors["baseline"].names))
-    evaluated = {**detectors} | {
-        name: YOLO(str(path), task="detect") for name, path in artifacts.items()
+    evaluated = {**detectors} | {  # an INT8 model is validated as it was timed
+        row: YOLO(str(quantize.as_run_here(path, TMP_DIR / "evaluate")), task="detect")
+        for row, path in artifacts.items()
     }
     files = {**MODELS, **artifacts}
     metrics, per_class = {}, {}
     for name, detector in evaluated.items():
         headline, per_class[name] = accuracy(detector, f"evaluate-{name}", params, ground_truth)
         metrics[name] = {**headline, **size_metrics(sizes[name], files[name])}
-        images_per_pass = shape[0] if name in DEPLOYED else 1
+        images_per_pass = shape[0] if name in deployed else 1
         for where, runs in times.items():
             if name in runs:
                 metrics[name] |= speed_metrics(runs[name], images_per_pass, where)
@@ -482,7 +508,7 @@ def main() -> None:
     ]
     write_json(METRICS_OUT, metrics)
     with atomic_path(SUMMARY_OUT) as tmp:
-        tmp.write_text(summary_table(metrics, imgsz, runtimes))
+        tmp.write_text(summary_table(metrics, imgsz, runtimes, sources))
     write_json(ENVIRONMENT_OUT, describe_environment(str(params["device"])))
     write_csv(REPORT_DIR / "models.csv", model_rows)
     write_csv(REPORT_DIR / "per_class_ap50.csv", class_rows)
@@ -510,13 +536,11 @@ def main() -> None:
                 f"{m['gflops']:.2f} GFLOPs  {speed}",
             )
         )
-    rows.append(
-        ("deployed vs PyTorch", f"AP50 {gap:+.4f} ({record['backend']}, {record['precision']})")
-    )
-    rows.append(("in short", compression_headline(metrics, runtimes).replace("**", "")))
+    rows.append(("deployed vs PyTorch", f"AP50 {gap:+.4f} ({runtimes['deployed']})"))
+    rows.append(("in short", compression_headline(metrics, runtimes, sources).replace("**", "")))
     rows.append(written(METRICS_OUT, SUMMARY_OUT, REPORT_DIR))
     print_summary("evaluate", rows)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, __doc__)

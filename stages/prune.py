@@ -39,8 +39,8 @@ from torch import nn
 from ultralytics.nn.modules import C2f, Detect
 from ultralytics.nn.tasks import DetectionModel
 
+from stages.common import cli, yolo
 from stages.common import params as P
-from stages.common import yolo
 from stages.common.images import VAL_IMAGES, calibration_batch
 from stages.common.layers import C2fSplit
 from stages.common.outputs import (
@@ -600,29 +600,5 @@ def uniformly_pruned(cfg: str, ratios: Iterable[float]) -> Iterator[tuple[float,
         yield ratio, model
 
 
-def size_sweep(cfg: str, ratios: Iterable[float], sizes: Iterable[int] = (640, 1024)) -> list[dict]:
-    """Params, FLOPs and MACs of ``cfg`` unpruned and pruned uniformly at each ratio."""
-    rows = []
-    for ratio, model in uniformly_pruned(cfg, ratios):
-        row = {"model": cfg, "ratio": ratio}
-        for size in sizes:
-            counted = yolo.model_size(model, size)
-            row.update(params_m=round(counted["params"] / 1e6, 3))
-            row[f"gflops_{size}"] = round(counted["flops_g"], 2)
-            row[f"gmacs_{size}"] = round(counted["macs_g"], 2)
-        rows.append(row)
-    return rows
-
-
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-sweep", metavar="CFG", help="print sizes of CFG pruned at ratios")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
-    cli = parser.parse_args()
-    if cli.size_sweep:
-        for row in size_sweep(cli.size_sweep, cli.ratios):
-            print(row)
-    else:
-        main()
+    cli.run(main, __doc__)

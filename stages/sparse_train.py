@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from ultralytics.utils.torch_utils import unwrap_model
 
-from stages.common import distributed, yolo
+from stages.common import cli, distributed, yolo
 from stages.common import params as P
 from stages.common.outputs import print_summary, save_figure, write_csv, write_json, written
 from stages.common.runtime import PROJECT_ROOT
@@ -305,4 +305,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, __doc__)

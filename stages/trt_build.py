@@ -1,21 +1,30 @@
 """Stage `trt_build`: deploy the distilled model — a TensorRT engine where it can run, ONNX always.
 
-The baseline is deployed the same way beside it (``baseline.onnx``/``baseline.engine``), so that
-evaluate can time the compressed model against the uncompressed one on the deploy runtime itself:
-a speedup of compression, not of the change from PyTorch to another runtime.
+The baseline is deployed the same way beside it (``baseline.*``), so that evaluate can time the
+compressed model against the uncompressed one on the deploy runtime itself: a speedup of
+compression, not of the change from PyTorch to another runtime.
 
-1. The distilled model is exported to ONNX (static input: ``batch`` x 3 x imgsz x imgsz, opset from
-   params, simplified with onnxslim). Its raw output is checked against PyTorch's on random input.
-2. Where a CUDA GPU and the ``tensorrt`` package are present (and ``device`` names a GPU), a
-   TensorRT engine is built from that ONNX model with TensorRT's own Python API: precision fp32,
-   fp16 or int8 (entropy calibration on ``calibration_images`` training images, the calibration
-   cache saved beside the engine), workspace limit from params.
-3. Otherwise the stage still succeeds and deploys the ONNX model on ONNX Runtime (CPU); the record
-   says exactly why no engine was built (no CUDA device, or the import error of tensorrt).
+1. Each model is exported to ONNX (static input: ``batch`` x 3 x imgsz x imgsz, opset from params,
+   simplified with onnxslim). Its raw output is checked against PyTorch's on random input.
+2. ``precision: int8`` quantizes that ONNX model to an INT8 Q/DQ model (``*.int8.onnx``, see
+   stages/common/quantize.py): static, symmetric, per-channel weights, calibrated on
+   ``calibration_images`` training images, the nodes matched by ``int8_exclude`` kept in float.
+   It is checked against TensorRT's rules for explicit quantization, and against the fp32 model
+   on ``calibration_images`` val images: if it reproduces less than ``int8_min_agreement`` of
+   fp32's detections (F1), the stage fails and nothing is deployed. The fp32 model is deployed
+   beside it (``deployed_fp32``), for evaluate's int8-vs-fp32 comparison.
+3. Where a CUDA GPU and the ``tensorrt`` package are present (and ``device`` names a GPU), a
+   TensorRT engine is built with TensorRT's own Python API: from the ONNX model at fp32 or fp16,
+   or from the Q/DQ model for int8 (explicit quantization: the scales come from the model, no
+   calibrator), workspace limit from params.
+4. Otherwise the ONNX (or INT8 Q/DQ ONNX) model is deployed on ONNX Runtime (CPU); fp16 there
+   means fp32, and the record says exactly why no engine was built (no CUDA device, or the import
+   error of tensorrt).
 
-Writes models/deploy/ (model.onnx and baseline.onnx; model.engine, baseline.engine and their
-``*.calibration.cache`` when built; deploy.json) and reports/trt_build/deploy.json (the same
-record, for `dvc metrics`).
+Reads: models/distilled.pt and models/baseline.pt; for int8, training images (calibration) and
+val images (the agreement check). Writes: models/deploy/ (model.onnx and baseline.onnx, their
+``*.int8.onnx`` for int8, ``*.engine`` where TensorRT runs, deploy.json) and
+reports/trt_build/deploy.json (the same record, for `dvc metrics`).
 """
 
 from __future__ import annotations
@@ -31,9 +40,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from stages.common import cli, quantize, yolo
 from stages.common import params as P
-from stages.common import yolo
-from stages.common.images import TRAIN_IMAGES, calibration_batch
+from stages.common.images import TRAIN_IMAGES, VAL_IMAGES, calibration_batch
 from stages.common.outputs import atomic_path, print_summary, write_json, written
 from stages.common.runtime import PROJECT_ROOT, TMP_DIR
 
@@ -51,6 +60,9 @@ SCHEMA = {
             "precision": P.Choice("fp32", "fp16", "int8"),
             "workspace_gb": P.Float(0, 1024, open_lo=True),
             "calibration_images": P.Int(0, 100_000),
+            "int8_calibration": P.Choice("minmax", "percentile", "entropy"),
+            "int8_exclude": P.Regexes(),
+            "int8_min_agreement": P.Float(0, 1),
         }
     ),
 }
@@ -73,7 +85,7 @@ def check_params(cfg: dict) -> None:
     if cfg["precision"] == "int8" and cfg["calibration_images"] < 1:
         raise P.ParamsError(
             "params.yaml: trt_build.precision = 'int8' needs calibration images: set "
-            "trt_build.calibration_images to a positive number (e.g. 256)."
+            "trt_build.calibration_images to a positive number (e.g. 64)."
         )
 
 
@@ -120,40 +132,13 @@ def export_onnx(model_path: Path, out: Path, imgsz: int, batch: int, opset: int)
     return float(np.abs(onnx_y - torch_y.numpy()).max())
 
 
-def entropy_calibrator(images: torch.Tensor, batch: int, cache: Path) -> Any:
-    """A TensorRT int8 entropy calibrator over ``images`` in batches of ``batch``.
+def build_engine(onnx_path: Path, engine_path: Path, precision: str, workspace_gb: float) -> dict:
+    """Build a serialized TensorRT engine from the ONNX model with TensorRT's Python API.
 
-    The class is defined here because its base class comes from tensorrt, imported only here.
+    For int8, ``onnx_path`` is the Q/DQ model: TensorRT takes every scale from its Q/DQ nodes
+    (explicit quantization), so no calibrator runs; FP16 is allowed too for the layers kept in
+    float.
     """
-    import tensorrt as trt
-
-    class Calibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self) -> None:
-            super().__init__()
-            # the engine's input is static: a short last batch is left out
-            self.batches = [b for b in images.split(batch) if len(b) == batch]
-            self.device_batch: torch.Tensor | None = None  # kept alive while TensorRT reads it
-
-        def get_batch_size(self) -> int:
-            return batch
-
-        def get_batch(self, names: list[str]) -> list[int] | None:
-            if not self.batches:
-                return None
-            self.device_batch = self.batches.pop(0).cuda().contiguous()
-            return [int(self.device_batch.data_ptr())]
-
-        def read_calibration_cache(self) -> bytes | None:
-            return cache.read_bytes() if cache.exists() else None
-
-        def write_calibration_cache(self, data: bytes) -> None:
-            cache.write_bytes(bytes(data))
-
-    return Calibrator()
-
-
-def build_engine(onnx_path: Path, engine_path: Path, cfg: dict, imgsz: int) -> dict[str, Any]:
-    """Build a serialized TensorRT engine from the ONNX model with TensorRT's Python API."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -167,14 +152,11 @@ def build_engine(onnx_path: Path, engine_path: Path, cfg: dict, imgsz: int) -> d
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg["workspace_gb"] * 2**30))
-    cache = engine_path.with_name(f"{engine_path.stem}.calibration.cache")
-    if cfg["precision"] in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)  # int8 falls back to fp16, not fp32, where it must
-    if cfg["precision"] == "int8":
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
-        images = calibration_batch(TRAIN_IMAGES, cfg["calibration_images"], imgsz)
-        config.int8_calibrator = entropy_calibrator(images, cfg["batch"], cache)
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -184,34 +166,75 @@ def build_engine(onnx_path: Path, engine_path: Path, cfg: dict, imgsz: int) -> d
         "tensorrt_version": trt.__version__,
         "gpu": torch.cuda.get_device_name(0),
         "build_seconds": round(time.perf_counter() - start, 1),
-        "calibration_cache": cache.name if cache.exists() else None,
     }
+
+
+def quantize_checked(fp32: Path, out: Path, cfg: dict, imgsz: int) -> dict[str, Any]:
+    """Write the INT8 Q/DQ model of ``fp32`` to ``out``, check it, and describe it.
+
+    Fails (nothing is deployed) when the graph breaks TensorRT's rules (a bug) or when it
+    reproduces less than ``int8_min_agreement`` of the fp32 model's detections on val images (the
+    user must change the exclusions, the calibration or the precision).
+    """
+    count = cfg["calibration_images"]
+    calibration = calibration_batch(TRAIN_IMAGES, count, imgsz).numpy()
+    kept_float = quantize.quantize_int8(
+        fp32, out, calibration, cfg["int8_exclude"], cfg["int8_calibration"]
+    )
+    model = onnx.load(out)
+    problems = quantize.tensorrt_rule_violations(model)
+    if problems:
+        raise RuntimeError(f"{out} breaks TensorRT's Q/DQ rules: {'; '.join(problems[:5])}")
+    check = calibration_batch(VAL_IMAGES, count, imgsz).numpy()
+    reference = quantize.raw_outputs(quantize.onnx_session(fp32), check)
+    divergence = quantize.divergence(
+        reference, quantize.raw_outputs(quantize.onnx_session(out), check)
+    )
+    record = {
+        "calibration": f"{len(calibration)} training images, {cfg['int8_calibration']}",
+        "kept_float_nodes": len(kept_float),
+        **quantize.quantization_summary(model),
+        "check_images": len(check),
+        **{f"vs_fp32_{k}": v for k, v in divergence.items()},
+    }
+    if divergence["f1"] < cfg["int8_min_agreement"]:
+        raise cli.UserError(
+            f"the INT8 model {out.name} reproduces only {divergence['f1']:.3f} (F1) of the fp32 "
+            f"model's detections on {len(check)} val images, below trt_build.int8_min_agreement = "
+            f"{cfg['int8_min_agreement']} (largest class-score change "
+            f"{divergence['max_abs_score_diff']:.3f}): nothing was deployed. Keep more of the "
+            f"model in float (trt_build.int8_exclude), calibrate on more images or with another "
+            f"trt_build.int8_calibration, or deploy with trt_build.precision: fp32."
+        )
+    return record
 
 
 def deploy(
-    source: Path, folder: Path, stem: str, cfg: dict, imgsz: int, reason: str | None
-) -> dict[str, Any]:
-    """Export ``source`` to ``folder/<stem>.onnx`` and, when ``reason`` is None, build
-    ``<stem>.engine`` from it; returns what was deployed."""
+    stem: str, folder: Path, precisions: list[str], cfg: dict, imgsz: int, backend: str
+) -> dict[str, dict[str, Any]]:
+    """Deploy ``folder/<stem>.onnx`` (already exported) at each precision on ``backend``:
+    precision -> what was deployed (file, precision it really has, size, build details)."""
     onnx_path = folder / f"{stem}.onnx"
-    record: dict[str, Any] = {
-        "source": str(source.relative_to(PROJECT_ROOT)),
-        "onnx_max_abs_diff_vs_torch": export_onnx(
-            source, onnx_path, imgsz, cfg["batch"], cfg["opset"]
-        ),
-        "onnx_mb": round(onnx_path.stat().st_size / 2**20, 3),
-    }
-    if reason is None:
-        engine = folder / f"{stem}.engine"
-        record.update(build_engine(onnx_path, engine, cfg, imgsz))
-        record.update(
-            artifact=engine.name,
-            precision=cfg["precision"],
-            engine_mb=round(engine.stat().st_size / 2**20, 3),
-        )
-    else:
-        record.update(artifact=onnx_path.name, precision="fp32")
-    return record
+    deployed: dict[str, dict[str, Any]] = {}
+    for precision in precisions:
+        source, record = onnx_path, {}
+        if precision == "int8":
+            source = folder / f"{stem}.int8.onnx"
+            record["int8"] = quantize_checked(onnx_path, source, cfg, imgsz)
+        if backend == "tensorrt":
+            suffix = "" if precision == cfg["precision"] else f".{precision}"
+            artifact = folder / f"{stem}{suffix}.engine"
+            record.update(build_engine(source, artifact, precision, cfg["workspace_gb"]))
+        else:  # ONNX Runtime on the CPU: fp32, or the INT8 Q/DQ model
+            artifact = source
+            precision = "int8" if precision == "int8" else "fp32"
+        deployed[precision] = {
+            "artifact": artifact.name,
+            "precision": precision,
+            "mb": round(artifact.stat().st_size / 2**20, 3),
+            **record,
+        }
+    return deployed
 
 
 def main() -> None:
@@ -219,47 +242,81 @@ def main() -> None:
     cfg = params["trt_build"]
     check_params(cfg)
     imgsz = params["imgsz"]
-    for path in (DISTILLED, BASELINE):  # a clear error for a missing or wrong checkpoint, first
+    sources = {"model": DISTILLED, "baseline": BASELINE}
+    for path in sources.values():  # a clear error for a missing or wrong checkpoint, first
         yolo.load_detector(path)
 
     reason = tensorrt_unavailable(str(params["device"]))
+    backend = "onnxruntime" if reason else "tensorrt"
+    # int8 is compared with fp32 of the same model on the same runtime (the deployed_fp32 row).
+    precisions = [cfg["precision"], "fp32"] if cfg["precision"] == "int8" else [cfg["precision"]]
     record: dict[str, Any] = {
-        "backend": "onnxruntime" if reason else "tensorrt",
+        "backend": backend,
+        "requested_precision": cfg["precision"],
         "input_shape": [cfg["batch"], 3, imgsz, imgsz],
         "opset": cfg["opset"],
     }
     if reason:
-        record.update(no_engine_because=reason, requested_precision=cfg["precision"])
+        record["no_engine_because"] = reason
     with atomic_path(DEPLOY_DIR) as tmp:
         tmp.mkdir()
-        record.update(deploy(DISTILLED, tmp, "model", cfg, imgsz, reason))
-        record["reference"] = deploy(BASELINE, tmp, "baseline", cfg, imgsz, reason)
+        record["onnx"], deployed = {}, {}
+        # The model first: a bad int8 exclusion fails on its graph before the baseline's work.
+        for stem, source in sources.items():
+            onnx_path = tmp / f"{stem}.onnx"
+            diff = export_onnx(source, onnx_path, imgsz, cfg["batch"], cfg["opset"])
+            record["onnx"][stem] = {
+                "source": str(source.relative_to(PROJECT_ROOT)),
+                "max_abs_diff_vs_torch": diff,
+                "mb": round(onnx_path.stat().st_size / 2**20, 3),
+            }
+            wanted = precisions if stem == "model" else precisions[:1]
+            deployed[stem] = deploy(stem, tmp, wanted, cfg, imgsz, backend)
+        model, baseline = deployed["model"], deployed["baseline"]
+        main_precision = next(iter(model))
+        record["artifacts"] = {
+            "baseline_deployed": {"source": "baseline", **baseline[main_precision]},
+            "deployed": {"source": "model", **model[main_precision]},
+        }
+        if len(model) > 1:
+            record["artifacts"]["deployed_fp32"] = {"source": "model", **model["fp32"]}
         write_json(tmp / "deploy.json", record)
     write_json(RECORD_OUT, record)
+    print_summary("trt_build", summary_lines(record))
 
+
+def summary_lines(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The stage's one-screen summary of a deploy record."""
     lines = [
-        ("deployed", f"{record['artifact']} on {record['backend']} ({record['precision']})"),
-        (
-            "ONNX vs PyTorch",
-            f"max |diff| {record['onnx_max_abs_diff_vs_torch']:.2e} on random input",
-        ),
+        (row, f"{a['artifact']} on {record['backend']} ({a['precision']}, {a['mb']:.2f} MB)")
+        for row, a in record["artifacts"].items()
     ]
-    lines.append(
-        ("reference", f"{record['reference']['artifact']} (the baseline, deployed the same way)")
-    )
+    lines += [
+        (
+            f"ONNX vs PyTorch ({stem})",
+            f"max |diff| {o['max_abs_diff_vs_torch']:.2e} on random input",
+        )
+        for stem, o in record["onnx"].items()
+    ]
+    for row, a in record["artifacts"].items():
+        if "int8" in a:
+            q = a["int8"]
+            lines.append(
+                (
+                    f"int8 ({row})",
+                    f"{q['int8_convs']} convs in INT8, {q['float_convs']} in float; agrees with "
+                    f"fp32 on {q['vs_fp32_f1']:.3f} (F1) of {q['vs_fp32_reference_detections']} "
+                    f"detections on {q['check_images']} val images",
+                )
+            )
     if "no_engine_because" in record:
         lines.append(("no TensorRT engine", record["no_engine_because"]))
     else:
-        lines.append(
-            (
-                "TensorRT",
-                f"{record['tensorrt_version']} on {record['gpu']}, built in "
-                f"{record['build_seconds']} s",
-            )
-        )
+        first = record["artifacts"]["deployed"]
+        lines.append(("TensorRT", f"{first['tensorrt_version']} on {first['gpu']}"))
     lines.append(written(DEPLOY_DIR, RECORD_OUT))
-    print_summary("trt_build", lines)
+    return lines
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, __doc__)

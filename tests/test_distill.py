@@ -10,6 +10,7 @@ import torch
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
+from stages.common.cli import UserError
 from stages.common.yolo import configured_trainer
 from stages.distill import (
     SCHEMA,
@@ -186,7 +187,7 @@ def test_a_teacher_with_other_levels_is_refused_before_training() -> None:
         student = head_features(_detector(1).eval(), x)
         p2 = DetectionModel("yolov8n-p2.yaml", nc=10, verbose=False).eval()  # strides 4..32
         teacher = head_features(p2, x)
-    with pytest.raises(ValueError, match="same detection levels"):
+    with pytest.raises(UserError, match="same detection levels"):
         check_levels(student, teacher)
     check_levels(student, student)
 

@@ -123,18 +123,27 @@ def test_summary_table_compares_speed_on_the_same_runtime_and_end_to_end() -> No
         "distilled": model(1.0, 1.5, 0.78, 4.0),
         "baseline_deployed": model(4.0, 2.0, 0.80, 8.0),
         "deployed": model(1.0, 1.5, 0.78, 2.0),
+        "deployed_fp32": model(1.0, 1.5, 0.785, 2.5),
     }
     runtimes = {name: "PyTorch" for name in ("baseline", "pruned", "distilled")}
-    runtimes |= {"baseline_deployed": "ONNX Runtime", "deployed": "ONNX Runtime"}
-    table = summary_table(metrics, 256, runtimes)
+    runtimes |= {"baseline_deployed": "ONNX Runtime int8", "deployed": "ONNX Runtime int8"}
+    runtimes |= {"deployed_fp32": "ONNX Runtime fp32"}
+    sources = {name: name for name in ("baseline", "pruned", "distilled")}
+    sources |= {"baseline_deployed": "baseline", "deployed": "distilled"}
+    sources |= {"deployed_fp32": "distilled"}
+    table = summary_table(metrics, 256, runtimes, sources)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
     # PyTorch rows: against the PyTorch baseline (10 / 4), the same figure end to end.
     assert rows["pruned"].endswith("| 75.0% | 4.00 | 250.0 | -75.0% | -25.0% | 2.50x | 2.50x |")
     # Deployed: 8 / 2 against the baseline on its own runtime, 10 / 2 end to end.
     assert rows["deployed"].endswith("| -75.0% | -25.0% | 4.00x | 5.00x |")
-    assert rows["deployed"].startswith("| deployed | ONNX Runtime |")
+    assert rows["deployed"].startswith("| deployed | ONNX Runtime int8 |")
+    # No baseline runs in fp32 on ONNX Runtime: no same-runtime speedup; 10 / 2.5 end to end.
+    assert rows["deployed_fp32"].endswith("| -75.0% | -25.0% | – | 4.00x |")
     assert "| 0.200 | 0.400 | – |" in rows["baseline"]  # AP large: no such objects
     first = table.splitlines()[0]
     assert "keeps **97.5%** of the baseline's test AP50 (0.780 vs 0.800)" in first
     assert "**75.0% fewer params** and **25.0% fewer FLOPs**" in first
     assert "4.00x as fast as the baseline deployed the same way, and 5.00x end to end" in first
+    # INT8 against fp32 of the same model on the same runtime: 0.780 - 0.785, 2.5 / 2.
+    assert "changes test AP50 by **-0.0050** and is **1.25x** as fast" in first

@@ -15,6 +15,7 @@ import yaml
 
 from stages.common import params as P
 from stages.common import yolo
+from stages.common.cli import UserError
 from tests.conftest import PROJECT_ROOT, STAGES
 
 
@@ -191,7 +192,7 @@ def test_weights_are_hashed_before_they_are_unpickled(tmp_path: Path) -> None:
     weights = tmp_path / "pretrained.pt"
     weights.write_bytes(pickle.dumps(_TouchOnUnpickle(marker)))
     right = hashlib.sha256(weights.read_bytes()).hexdigest()
-    with pytest.raises(ValueError, match=f"sha256 is {right}, not the expected {'0' * 64}"):
+    with pytest.raises(UserError, match=f"sha256 is {right}, not the expected {'0' * 64}"):
         yolo.check_model_source("baseline.model", str(weights), "0" * 64)
     assert not marker.exists()
     assert yolo.check_model_source("baseline.model", str(weights), right.upper()) == str(weights)

@@ -37,6 +37,8 @@ TINY = {
     "sparse_train": {"epochs": 1, "batch": 8, "nbs": 8},
     "distill": {"epochs": 1, "batch": 8, "nbs": 8},
     "evaluate": {"latency_warmup": 1, "latency_repeats": 3},
+    # A 1-epoch model's few, low-confidence detections are no test of INT8 fidelity.
+    "trt_build": {"int8_min_agreement": 0.0},
 }
 
 
@@ -124,12 +126,14 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     assert len(list((repo / "data/yolo/labels/train").glob("*.txt"))) == 16
 
     all_metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(all_metrics) == {*MODELS, "baseline_deployed", "deployed"}
+    assert set(all_metrics) == {*MODELS, "baseline_deployed", "deployed", "deployed_fp32"}
     metrics = all_metrics["baseline"]
     assert 0.0 <= metrics["ap50"] <= 1.0
     assert {"ap_small", "ap_medium", "ap_large", "cpu_latency_ms", "file_mb"} <= set(metrics)
     per_class = (repo / "reports/evaluate/per_class_ap50.csv").read_text().splitlines()
-    assert per_class[0] == "class,baseline,sparse,pruned,distilled,baseline_deployed,deployed"
+    assert per_class[0] == (
+        "class,baseline,sparse,pruned,distilled,baseline_deployed,deployed,deployed_fp32"
+    )
     assert len(per_class) == 11  # the ten VisDrone classes
     models = (repo / "reports/evaluate/models.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in models[1:]] == list(all_metrics)
@@ -160,13 +164,17 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     record = json.loads((repo / "reports/trt_build/deploy.json").read_text())
     assert record["backend"] == "onnxruntime" and record["no_engine_because"]
     assert (repo / "models/deploy/model.onnx").stat().st_size > 100_000
-    assert record["reference"]["artifact"] == "baseline.onnx"  # the baseline, deployed alike
+    artifacts = record["artifacts"]  # the default int8: Q/DQ models, the baseline alike
+    assert artifacts["baseline_deployed"]["artifact"] == "baseline.int8.onnx"
+    assert artifacts["deployed"]["artifact"] == "model.int8.onnx"
+    assert artifacts["deployed_fp32"]["artifact"] == "model.onnx"
+    assert artifacts["deployed"]["int8"]["int8_convs"] > 20
     assert all_metrics["baseline_deployed"]["params_m"] == metrics["params_m"]
     summary = (repo / "reports/summary.md").read_text()
     assert "speedup, same runtime" in summary and "end-to-end" in summary
     environment = json.loads((repo / "reports/evaluate/environment.json").read_text())
     assert environment["packages"]["ultralytics"] and environment["threads"]["torch"] >= 1
-    assert abs(all_metrics["deployed"]["ap50"] - all_metrics["distilled"]["ap50"]) <= 0.01
+    assert abs(all_metrics["deployed_fp32"]["ap50"] - all_metrics["distilled"]["ap50"]) <= 0.01
     channels = (repo / "reports/prune/channels.csv").read_text().splitlines()
     assert channels[0] == "layer,before,after" and len(channels) > 50
     header = (repo / "reports/baseline/results.csv").read_text().splitlines()[0]
@@ -471,7 +479,7 @@ def test_real_visdrone_frames_flow_through_every_stage(
     assert stats["source"] == "visdrone" and stats["val"]["images"] == 12
     assert stats["val"]["boxes_per_image"] > 50  # crowded real frames, not the synthetic scenes
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(metrics) == {*MODELS, "baseline_deployed", "deployed"}
+    assert set(metrics) == {*MODELS, "baseline_deployed", "deployed", "deployed_fp32"}
     assert metrics["pruned"]["params_m"] < metrics["baseline"]["params_m"]
     summary = (repo / "reports/summary.md").read_text()
     assert "| deployed |" in summary

@@ -15,6 +15,7 @@ from ultralytics import YOLO
 from ultralytics.nn.tasks import DetectionModel
 
 from stages.common import yolo
+from stages.common.cli import UserError
 from stages.common.layers import C2fSplit
 from stages.prune import (
     SCHEMA,
@@ -309,9 +310,9 @@ def test_a_checkpoint_that_is_not_a_detector_is_refused(tmp_path: Path) -> None:
     cls = YOLO("yolov8n-cls.yaml")
     path = tmp_path / "cls.pt"
     torch.save({"model": cls.model, "train_args": {}}, path)
-    with pytest.raises(ValueError, match="not a YOLOv8 detection model"):
+    with pytest.raises(UserError, match="not a YOLOv8 detection model"):
         yolo.load_detector(path)
     junk = tmp_path / "junk.pt"
     torch.save({"weights": torch.zeros(3)}, junk)
-    with pytest.raises(ValueError, match="is not an ultralytics checkpoint"):
+    with pytest.raises(UserError, match="is not an ultralytics checkpoint"):
         yolo.load_detector(junk)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from stages.common import params as P
+from stages.common.cli import UserError
 from stages.tools.distill_ablation import choose_cwd, interval, markdown, paired
 from stages.tools.pareto import experiments, pareto_front, sweep_rows
 from stages.tools.pr_comment import (
@@ -222,7 +223,7 @@ def test_the_paper_profile_passes_every_stage_validation(stage: str) -> None:
 
 
 def test_a_profile_key_params_yaml_lacks_is_refused() -> None:
-    with pytest.raises(KeyError, match=r"prune\.ratoi"):
+    with pytest.raises(UserError, match=r"prune\.ratoi"):
         apply_profile((PROJECT_ROOT / "params.yaml").read_text(), {"prune": {"ratoi": 0.5}})
 
 

@@ -1,4 +1,5 @@
-"""Deployment: ONNX export against PyTorch (random and real aerial images), TensorRT detection."""
+"""Deployment: ONNX export against PyTorch (random and real aerial images), the INT8 agreement
+check, TensorRT detection."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 from ultralytics.nn.tasks import DetectionModel
 
 from stages.common import params as P
+from stages.common import quantize
+from stages.common.cli import UserError
 from stages.common.images import calibration_batch
 from stages.trt_build import (
     SCHEMA,
@@ -97,20 +100,56 @@ def test_the_reason_for_no_engine_is_specific() -> None:
         assert reason.startswith("tensorrt is not importable")
 
 
+def test_an_int8_model_that_disagrees_with_fp32_is_not_deployed(
+    tmp_path: Path, visdrone_sample: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A random-weight model with class logits around 0 "detects" hundreds of near-tied boxes per
+    frame, which INT8 noise (here with every head conv quantized) reorders: the stage refuses it at
+    a high threshold and records it at a low one."""
+    import stages.trt_build as stage
+
+    model = _pruned_model(seed=3)
+    for branch in model.model[-1].cv3:  # class logits around 0: scores spread over (0, 1)
+        torch.nn.init.zeros_(branch[-1].bias)
+    torch.save({"model": model, "train_args": {}}, tmp_path / "model.pt")
+    onnx = tmp_path / "model.onnx"
+    export_onnx(tmp_path / "model.pt", onnx, IMGSZ, batch=1, opset=17)
+    monkeypatch.setattr(stage, "TRAIN_IMAGES", visdrone_sample / "images")
+    monkeypatch.setattr(stage, "VAL_IMAGES", visdrone_sample / "images")
+    cfg = {
+        "calibration_images": 8,
+        "int8_calibration": "minmax",
+        "int8_exclude": ["/{head}/dfl/"],
+        "int8_min_agreement": 0.99,
+    }
+    with pytest.raises(UserError, match=r"reproduces only 0\.\d+ \(F1\) of the fp32 model's"):
+        stage.quantize_checked(onnx, tmp_path / "q.onnx", cfg, IMGSZ)
+    record = stage.quantize_checked(
+        onnx, tmp_path / "q.onnx", {**cfg, "int8_min_agreement": 0.0}, IMGSZ
+    )
+    assert record["check_images"] == 8 and record["vs_fp32_f1"] < 0.99
+    assert record["vs_fp32_reference_detections"] > 100  # the fp32 model did detect things
+    assert record["int8_convs"] > 40 and record["float_convs"] == 1  # the DFL conv
+
+
 @pytest.mark.skipif(not HAS_TENSORRT, reason="needs a CUDA GPU and the tensorrt package")
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_tensorrt_engine_builds_and_matches(
     exported, tmp_path: Path, precision: str, visdrone_sample: Path
 ) -> None:
+    """fp16 from the ONNX model; int8 from the Q/DQ model (explicit quantization)."""
     from ultralytics.nn.autobackend import AutoBackend
 
     import stages.trt_build as stage
 
     onnx, model, _ = exported
-    stage.TRAIN_IMAGES = visdrone_sample / "images"
-    cfg = {"precision": precision, "workspace_gb": 2.0, "calibration_images": 16, "batch": 1}
+    source = onnx
+    if precision == "int8":
+        source = tmp_path / "model.int8.onnx"
+        images = calibration_batch(visdrone_sample / "images", 16, IMGSZ).numpy()
+        quantize.quantize_int8(onnx, source, images, ["/{head}/dfl/", "/{head}/[^/]+$"])
     engine = tmp_path / "model.engine"
-    info = stage.build_engine(onnx, engine, cfg, IMGSZ)
+    info = stage.build_engine(source, engine, precision, workspace_gb=2.0)
     assert engine.stat().st_size > 0 and info["tensorrt_version"]
     backend = AutoBackend(str(engine), device=torch.device("cuda:0"))
     x = calibration_batch(visdrone_sample / "images", 1, IMGSZ)

@@ -44,7 +44,7 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _cpu() -> dict[str, Any]:
+def cpu_description() -> dict[str, Any]:
     """The CPU model and its kernel-relevant flags (from /proc/cpuinfo where there is one)."""
     info = {"model": platform.processor() or platform.machine(), "flags": []}
     cpuinfo = Path("/proc/cpuinfo")
@@ -69,7 +69,7 @@ def describe_environment(device: str) -> dict[str, Any]:
         "torch_build": f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU",
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "kernel_caps": {name: os.environ.get(name) for name in KERNEL_CAPS},
-        "cpu": _cpu(),
+        "cpu": cpu_description(),
         "threads": {"torch": torch.get_num_threads(), "cores_usable": cpu_threads()},
         "device": device,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,

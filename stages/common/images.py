@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stages.common.cli import UserError
 from stages.common.runtime import PROJECT_ROOT
 
 if TYPE_CHECKING:
@@ -31,13 +32,13 @@ def calibration_batch(folder: Path, count: int, imgsz: int) -> torch.Tensor:
 
     files = image_files(folder)
     if not files:
-        raise FileNotFoundError(f"no images in {folder}: run `dvc repro dataset` first.")
+        raise UserError(f"no images in {folder}: run `dvc repro dataset` first.")
     letterbox = LetterBox(new_shape=(imgsz, imgsz), auto=False)
     images = []
     for path in files[:count]:
         image = cv2.imread(str(path))
         if image is None:
-            raise ValueError(f"{path}: unreadable image")
+            raise UserError(f"{path}: unreadable image; replace or remove it.")
         image = letterbox(image=image)[:, :, ::-1].transpose(2, 0, 1)  # BGR HWC -> RGB CHW
         images.append(torch.from_numpy(np.ascontiguousarray(image)).float() / 255)
     return torch.stack(images)

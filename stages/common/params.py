@@ -17,12 +17,13 @@ from typing import Any
 
 import yaml
 
+from stages.common.cli import UserError
 from stages.common.runtime import PROJECT_ROOT
 
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError):
     """A value in params.yaml that a stage cannot use."""
 
 
@@ -149,6 +150,23 @@ class StrList:
     def check(self, key: str, value: Any) -> list[str]:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise _fail(key, value, self.describe())
+        return value
+
+
+@dataclass(frozen=True)
+class Regexes:
+    """A list of regular expressions (possibly empty), each of which compiles."""
+
+    def describe(self) -> str:
+        return "a list of regular expressions, e.g. [] or ['/model.22/dfl/']"
+
+    def check(self, key: str, value: Any) -> list[str]:
+        StrList().check(key, value)
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise _fail(key, value, f"{self.describe()}; {pattern!r}: {err}") from None
         return value
 
 

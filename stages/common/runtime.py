@@ -24,6 +24,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from stages.common.cli import UserError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = PROJECT_ROOT / ".cache"
 ULTRALYTICS_CONFIG_DIR = CACHE_DIR / "ultralytics"  # YOLO_CONFIG_DIR
@@ -61,7 +63,7 @@ def cpu_threads() -> int:
     value = os.environ.get(THREADS_VARIABLE, "")
     if value:
         if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"${THREADS_VARIABLE} = {value!r}: expected a positive integer")
+            raise UserError(f"${THREADS_VARIABLE} = {value!r}: expected a positive integer")
         return int(value)
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -69,8 +71,23 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def check_project_root(root: Path = PROJECT_ROOT) -> None:
+    """Refuse a root without dvc.yaml and params.yaml: the package was installed on its own (a
+    non-editable ``pip install .``), and the pipeline would write models and caches into
+    site-packages."""
+    missing = [name for name in ("dvc.yaml", "params.yaml") if not (root / name).is_file()]
+    if missing:
+        raise UserError(
+            f"{root} has no {' or '.join(missing)}: the stages package is not running from a "
+            f"checkout of this project (a non-editable install?), and would write its models and "
+            f"caches there. Install it from the checkout with `pip install -e .` and run it there."
+        )
+
+
 def configure_environment() -> None:
-    """Set the process environment for offline, self-contained runs (idempotent)."""
+    """Set the process environment for offline, self-contained runs (idempotent); refuse to run
+    outside a checkout of the project."""
+    check_project_root()
     for path in (CACHE_DIR, ULTRALYTICS_USER_DIR, TMP_DIR):
         path.mkdir(parents=True, exist_ok=True)
     threads = str(cpu_threads())

@@ -26,6 +26,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 from stages.common import layers  # noqa: F401  (classes pruned checkpoints unpickle to)
 from stages.common import params as P
+from stages.common.cli import UserError
 from stages.common.outputs import atomic_path
 from stages.common.runtime import CACHE_DIR, PROJECT_ROOT, cpu_threads
 
@@ -101,7 +102,7 @@ def verify_sha256(path: Path, expected: str) -> None:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     if digest.hexdigest() != expected.lower():
-        raise ValueError(
+        raise UserError(
             f"{path}: sha256 is {digest.hexdigest()}, not the expected {expected.lower()}. The "
             f"file is not the one the hash belongs to (corrupt, truncated or replaced): fetch the "
             f"right weights, or update the hash if you changed them on purpose."
@@ -111,7 +112,7 @@ def verify_sha256(path: Path, expected: str) -> None:
 def check_dataset() -> Path:
     """The dataset yaml written by the dataset stage, or a clear error if it is missing."""
     if not DATA_YAML.is_file():
-        raise FileNotFoundError(f"{DATA_YAML} not found: run `dvc repro dataset` first.")
+        raise UserError(f"{DATA_YAML} not found: run `dvc repro dataset` first.")
     return DATA_YAML
 
 
@@ -119,13 +120,18 @@ def load_detector(path: Path | str) -> YOLO:
     """Load a YOLOv8 detection checkpoint, failing clearly on anything else."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the stage that writes it (`dvc repro`).")
+        raise UserError(f"{path} not found: run the stage that writes it (`dvc repro`).")
     try:
         model = YOLO(str(path))
     except Exception as err:
-        raise ValueError(f"{path} is not an ultralytics checkpoint: {err}") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"{path} is not an ultralytics checkpoint ({reason}): it is truncated, corrupt or "
+            f"another kind of file. Re-create it with `dvc repro`, which re-runs the stage that "
+            f"writes it."
+        ) from err
     if not isinstance(model.model, DetectionModel) or model.task != "detect":
-        raise ValueError(
+        raise UserError(
             f"{path} holds a {type(model.model).__name__} ({model.task}), not a "
             f"YOLOv8 detection model."
         )
@@ -146,7 +152,7 @@ class ModelKeepingTrainer(DetectionTrainer):
         if weights is None:  # from a yaml: nothing to keep
             return super().get_model(cfg=cfg, weights=None, verbose=verbose)
         if weights.nc != self.data["nc"]:
-            raise ValueError(
+            raise UserError(
                 f"the model detects {weights.nc} classes but the dataset has {self.data['nc']}: "
                 f"train it on the dataset it was built for."
             )

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
+from stages.common.cli import UserError
 from stages.common.runtime import PROJECT_ROOT
 
 
 def dvc(*args: str) -> str:
-    """The output of `dvc <args>` run in the project; exits with DVC's message when it fails."""
+    """The output of `dvc <args>` in the project; a UserError with DVC's message if it fails."""
     command = ["dvc", *args]
     done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"`{' '.join(command)}` failed:\n{done.stderr}")
+        raise UserError(f"`{' '.join(command)}` failed:\n{done.stderr}")
     return done.stdout

@@ -2,6 +2,7 @@
 
     python -m stages.tools.benchmark                  # yolov8n and yolov8m at 640, ratios 0.3..0.8
     python -m stages.tools.benchmark --models yolov8n.yaml --imgsz 320 --ratios 0.5 --repeats 10
+    python -m stages.tools.benchmark --sizes-only --models yolov8m.yaml --imgsz 1024  # seconds
 
 For each model (10 classes, freshly built: speed depends on shapes, not on weights): the unpruned
 model and its uniform prunings at each ratio (stages.prune.uniformly_pruned), each measured for
@@ -11,91 +12,121 @@ of one model and backend are timed in turns in one run; speedup = unpruned ms / 
 same backend. The figure of merit is speedup / FLOPs ratio: 1 would mean every FLOP removed is
 time saved (the paper's YOLOv8m: 3.7x fewer FLOPs, 1.73x FPS on a GPU, 0.47).
 
+Reads nothing but the ultralytics model configs (every model is built fresh).
 Writes reports/benchmark/benchmark.csv, benchmark.md and speedup_vs_flops.png (not DVC outputs:
 run on demand, not in the test suite).
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
 import shutil
 import statistics
 from collections.abc import Sequence
 from copy import deepcopy
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.common import yolo
+from stages.common import cli, quantize, yolo
+from stages.common import params as P
+from stages.common.environment import cpu_description
 from stages.common.outputs import atomic_path, print_summary, save_figure, write_csv, written
 from stages.common.runtime import PROJECT_ROOT, TMP_DIR, cpu_threads
 from stages.evaluate import latency_ms, onnx_runner, torch_runner
 from stages.prune import uniformly_pruned
-from stages.trt_build import export_onnx
+from stages.trt_build import SCHEMA, export_onnx
 
 OUT_DIR = PROJECT_ROOT / "reports" / "benchmark"
-BACKENDS = ("pytorch", "onnxruntime")
+BACKENDS = ("pytorch", "onnxruntime", "onnxruntime_int8")
 
 
-def benchmark_model(
-    cfg: str, ratios: Sequence[float], imgsz: int, warmup: int, repeats: int, opset: int
-) -> list[dict]:
-    """Rows for ``cfg`` unpruned (ratio 0) and pruned at each ratio, timed on both backends."""
-    work = TMP_DIR / "benchmark"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    rows, flops, runners = [], [], {backend: {} for backend in BACKENDS}
-    variants = list(uniformly_pruned(cfg, ratios))
-    for ratio, model in tqdm(variants, desc=f"{cfg}: size + export"):
+def size_rows(cfg: str, ratios: Sequence[float], imgsz: int) -> tuple[list[dict], list]:
+    """Params and FLOPs of ``cfg`` unpruned (ratio 0, first) and pruned at each ratio, with the
+    (ratio, model) variants they were counted on."""
+    rows, variants = [], list(uniformly_pruned(cfg, ratios))
+    for ratio, model in variants:
         size = yolo.model_size(model, imgsz)
-        flops.append(size["flops_g"])
         rows.append(
             {
                 "model": cfg.removesuffix(".yaml"),
                 "ratio": ratio,
                 "params_m": round(size["params"] / 1e6, 3),
                 "gflops": round(size["flops_g"], 3),
-                "flops_ratio": round(flops[0] / size["flops_g"], 3),  # ratio 0.0 comes first
+                "gmacs": round(size["macs_g"], 3),
+                "flops_ratio": round(rows[0]["gflops"] / size["flops_g"], 3) if rows else 1.0,
             }
         )
-        checkpoint, onnx_file = work / f"{ratio}.pt", work / f"{ratio}.onnx"
+    return rows, variants
+
+
+def benchmark_model(
+    cfg: str, ratios: Sequence[float], imgsz: int, warmup: int, repeats: int, int8: dict
+) -> list[dict]:
+    """Rows for ``cfg`` unpruned (ratio 0) and pruned at each ratio: timed on PyTorch, and on ONNX
+    Runtime in fp32 and INT8 (``int8``: trt_build's exclusions; speedups against the unpruned
+    fp32 model, int8_vs_fp32 against the same ratio in fp32)."""
+    work = TMP_DIR / "benchmark"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rows, variants = size_rows(cfg, ratios, imgsz)
+    # Speed does not depend on the weights or on where the ranges come from: random images.
+    calibration = np.random.default_rng(0).random((4, 3, imgsz, imgsz), dtype=np.float32)
+    runners: dict[str, dict] = {"pytorch": {}, "onnxruntime": {}}
+    for ratio, model in tqdm(variants, desc=f"{cfg}: export + quantize"):
+        checkpoint, fp32, qdq = (
+            work / f"{ratio}{suffix}" for suffix in (".pt", ".onnx", ".q.onnx")
+        )
         torch.save({"model": deepcopy(model).half(), "train_args": {}}, checkpoint)
-        export_onnx(checkpoint, onnx_file, imgsz, 1, opset)
-        runners["pytorch"][ratio] = torch_runner(model.float().fuse(verbose=False), imgsz, "cpu")
-        runners["onnxruntime"][ratio] = onnx_runner(onnx_file, [1, 3, imgsz, imgsz])
-    for backend, timed in runners.items():
-        print(f"timing {cfg} on {backend}: {len(timed)} variants x ({warmup} + {repeats}) passes")
-        times = latency_ms(timed, warmup, repeats)
-        base_ms = statistics.median(times[0.0])
-        for row in rows:
-            ms = statistics.median(times[row["ratio"]])
+        export_onnx(checkpoint, fp32, imgsz, 1, int8["opset"])
+        quantize.quantize_int8(fp32, qdq, calibration, int8["int8_exclude"], "minmax")
+        runners["pytorch"][("pytorch", ratio)] = torch_runner(
+            model.float().fuse(verbose=False), imgsz, "cpu"
+        )
+        for backend, path in (("onnxruntime", fp32), ("onnxruntime_int8", qdq)):
+            runners["onnxruntime"][(backend, ratio)] = onnx_runner(path, [1, 3, imgsz, imgsz])
+    times = {}
+    for group, timed in runners.items():  # fp32 and INT8 ONNX models take turns in one run
+        print(f"timing {cfg} on {group}: {len(timed)} models x ({warmup} + {repeats}) passes")
+        times |= {
+            key: statistics.median(t) for key, t in latency_ms(timed, warmup, repeats).items()
+        }
+    for row in rows:
+        for backend in BACKENDS:
+            reference = times[("onnxruntime" if backend == "onnxruntime_int8" else backend, 0.0)]
+            ms = times[(backend, row["ratio"])]
             row[f"{backend}_ms"] = round(ms, 2)
-            row[f"{backend}_speedup"] = round(base_ms / ms, 3)
-            row[f"{backend}_merit"] = round(base_ms / ms / row["flops_ratio"], 3)
+            row[f"{backend}_speedup"] = round(reference / ms, 3)
+            row[f"{backend}_merit"] = round(reference / ms / row["flops_ratio"], 3)
+        row["int8_vs_fp32"] = round(row["onnxruntime_ms"] / row["onnxruntime_int8_ms"], 3)
     shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
 def markdown_table(rows: list[dict], imgsz: int, warmup: int, repeats: int) -> str:
+    cpu = cpu_description()
     lines = [
-        f"CPU: {platform.processor() or platform.machine()}, {cpu_threads()} threads; imgsz "
-        f"{imgsz}, batch 1, fp32; median of {repeats} passes after {warmup} warm-up passes, "
-        f"variants of one model timed in turns. Uniform pruning of a freshly built 10-class model. "
-        f"merit = speedup / FLOPs ratio.",
+        f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags']) or 'none of note'}), "
+        f"{cpu_threads()} threads; imgsz {imgsz}, batch 1; median of {repeats} passes after "
+        f"{warmup} warm-up passes, variants of one model timed in turns (fp32 and INT8 ONNX "
+        f"models in one run). Uniform pruning of a freshly built 10-class model. Speedups against "
+        f"the unpruned model in fp32 on the same runtime (PyTorch; ONNX Runtime for both ORT "
+        f"columns); merit = speedup / FLOPs ratio; INT8/fp32: the same pruned model in fp32 over "
+        f"INT8 (Q/DQ, trt_build's exclusions, random-image calibration: speed only).",
         "",
         "| model | ratio | params (M) | GFLOPs | FLOPs ratio | PyTorch ms | speedup | merit "
-        "| ORT ms | speedup | merit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ORT fp32 ms | speedup | merit | ORT INT8 ms | speedup | merit | INT8/fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['ratio']:.1f} | {r['params_m']:.3f} | {r['gflops']:.2f} | "
-            f"{r['flops_ratio']:.2f}x | {r['pytorch_ms']:.1f} | {r['pytorch_speedup']:.2f}x | "
-            f"{r['pytorch_merit']:.2f} | {r['onnxruntime_ms']:.1f} | "
-            f"{r['onnxruntime_speedup']:.2f}x | {r['onnxruntime_merit']:.2f} |"
-        )
+        cells = [r["model"], f"{r['ratio']:.1f}", f"{r['params_m']:.3f}", f"{r['gflops']:.2f}"]
+        cells.append(f"{r['flops_ratio']:.2f}x")
+        for backend in BACKENDS:
+            cells += [f"{r[f'{backend}_ms']:.1f}", f"{r[f'{backend}_speedup']:.2f}x"]
+            cells.append(f"{r[f'{backend}_merit']:.2f}")
+        cells.append(f"{r['int8_vs_fp32']:.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -108,7 +139,11 @@ def plot_speedup(rows: list[dict], path: Path) -> None:
     ax.plot([1, top], [1, top], "k--", linewidth=1, label="speedup = FLOPs ratio")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        for backend, marker in (("pytorch", "o-"), ("onnxruntime", "s--")):
+        for backend, marker in (
+            ("pytorch", "o-"),
+            ("onnxruntime", "s--"),
+            ("onnxruntime_int8", "^:"),
+        ):
             ax.plot(
                 [r["flops_ratio"] for r in mine],
                 [r[f"{backend}_speedup"] for r in mine],
@@ -123,14 +158,16 @@ def plot_speedup(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__)
     parser.add_argument("--models", nargs="+", default=["yolov8n.yaml", "yolov8m.yaml"])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument(
+        "--sizes-only", action="store_true", help="print params and FLOPs; no export or timing"
+    )
     args = parser.parse_args(argv)
     for cfg in args.models:
         yolo.check_model_source("--models", cfg)
@@ -139,9 +176,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not all(0 < r < 1 for r in args.ratios):
         parser.error(f"--ratios {args.ratios}: every ratio must be in (0, 1)")
 
+    if args.sizes_only:
+        rows = [row for cfg in args.models for row in size_rows(cfg, args.ratios, args.imgsz)[0]]
+        print_summary(
+            f"sizes at {args.imgsz} (fused, FLOPs = 2 x MACs)",
+            [
+                (
+                    f"{r['model']} {r['ratio']:.2f}",
+                    f"{r['params_m']:.3f} M params  {r['gflops']:.2f} GFLOPs  {r['gmacs']:.2f} "
+                    f"GMACs ({r['flops_ratio']:.2f}x fewer FLOPs)",
+                )
+                for r in rows
+            ],
+        )
+        return
+    int8 = P.load({"trt_build": SCHEMA["trt_build"]})["trt_build"]
     rows = []
     for cfg in args.models:
-        rows += benchmark_model(cfg, args.ratios, args.imgsz, args.warmup, args.repeats, args.opset)
+        rows += benchmark_model(cfg, args.ratios, args.imgsz, args.warmup, args.repeats, int8)
     out = args.out.resolve()
     write_csv(out / "benchmark.csv", rows)
     with atomic_path(out / "benchmark.md") as tmp:
@@ -153,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             (
                 f"{r['model']} {r['ratio']:.1f}",
                 f"{r['gflops']:.2f} GFLOPs ({r['flops_ratio']:.2f}x fewer)  PyTorch "
-                f"{r['pytorch_speedup']:.2f}x  ORT {r['onnxruntime_speedup']:.2f}x",
+                f"{r['pytorch_speedup']:.2f}x  ORT {r['onnxruntime_speedup']:.2f}x  ORT INT8 "
+                f"{r['onnxruntime_int8_speedup']:.2f}x (INT8/fp32 {r['int8_vs_fp32']:.2f}x)",
             )
             for r in rows
         ]
@@ -162,4 +215,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

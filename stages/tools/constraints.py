@@ -8,6 +8,8 @@ augmentation and training, and so the metrics (see README, "Reproducibility"). R
 deliberate upgrade, then re-run the pipeline and commit both. The pins are the closure of the
 project's requirements with its ``test`` extra, read from the installed metadata;
 the project itself is left out.
+
+Reads pyproject.toml and the installed packages' metadata; writes the pins to stdout.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from stages.common import cli
 
 PROJECT = "yolo-aerial-compress"
 EXTRAS = ("test",)
@@ -60,9 +64,10 @@ def render(pins: dict[str, str]) -> str:
     )
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.parser(__doc__).parse_args(argv)
     sys.stdout.write(render(closure(PROJECT, EXTRAS)))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

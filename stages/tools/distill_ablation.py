@@ -14,7 +14,8 @@ student, teacher, trainer settings and budget:
 
 Every run is measured on val and on test. The CWD candidate is **chosen on val** (best mean val
 AP50 over seeds); the three arms are **reported on test** only, with 95% t-intervals and paired
-differences (same seed: same augmentation and batch order). Writes
+differences (same seed: same augmentation and batch order). Reads params.yaml (`distill`, `seed`,
+`imgsz`, `device`), data/yolo, models/pruned.pt and the teacher. Writes
 reports/distill_ablation/ablation.csv (one row per run) and ablation.md. Not DVC outputs: run on
 demand. Each run is cached in .cache/distill_ablation/ under a hash of everything it depends on,
 so an interrupted ablation resumes where it stopped.
@@ -22,7 +23,6 @@ so an interrupted ablation resumes where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -33,8 +33,8 @@ from pathlib import Path
 from scipy import stats
 
 from stages import distill
+from stages.common import cli, yolo
 from stages.common import params as P
-from stages.common import yolo
 from stages.common.outputs import atomic_path, print_summary, write_csv, write_json, written
 from stages.common.runtime import CACHE_DIR, PROJECT_ROOT
 from stages.tools.splits import split_accuracy
@@ -148,7 +148,7 @@ def run(cfg: dict, params: dict, arm: str, seed: int, weight: float, tau: float)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__)
     parser.add_argument("--weights", type=float, nargs="+", help="CWD weights (default: params)")
     parser.add_argument("--temperatures", type=float, nargs="+", help="CWD tau (default: params)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -186,4 +186,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -7,20 +7,19 @@ A sweep, then the chart::
     python -m stages.tools.pareto  # experiments based on HEAD; --all-commits for every commit
 
 Each experiment (and its base commit) is one point: the chosen model's AP50 (``--model``,
-default the deployed one) against its latency and its params, read from the experiment's
-reports/metrics.json. A point is on the Pareto front when no other point is at least as cheap
-and at least as accurate, and strictly better in one of the two. Writes
+default the deployed one) against its latency and its params. Reads each experiment's
+reports/metrics.json through `dvc exp show`. A point is on the Pareto front when no other point is
+at least as cheap and at least as accurate, and strictly better in one of the two. Writes
 reports/sweep/pareto.csv and pareto.png (not DVC outputs: a view over experiments).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from stages.common import cli
 from stages.common.outputs import print_summary, write_csv, written
 from stages.common.runtime import PROJECT_ROOT
 from stages.evaluate import plot_accuracy_vs_cost
@@ -125,7 +124,7 @@ def sweep_rows(found: list[dict], model: str) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__)
     parser.add_argument("--model", default="deployed", help="model of reports/metrics.json")
     parser.add_argument("--all-commits", action="store_true", help="experiments of every commit")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the CSV and PNG")
@@ -135,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     found = experiments(json.loads(shown))
     rows = sweep_rows(found, args.model)
     if not rows:
-        sys.exit(
+        raise cli.UserError(
             f"no experiment has {METRICS_FILE} metrics for {args.model!r}: run some first, e.g. "
             f"`dvc exp run --queue -S prune.ratio=0.3,0.5,0.7 && dvc queue start`."
         )
@@ -167,4 +166,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

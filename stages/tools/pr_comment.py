@@ -17,13 +17,14 @@ noise. With a remote (`dvc repro --pull --allow-missing`) the unchanged stages d
 all, and the noise section holds only what evaluate re-measured of their models (latency). The
 environment each side ran in is compared too.
 
+Reads dvc.lock, dvc.yaml, reports/evaluate/environment.json and reports/summary.md at HEAD and at
+`--base` (through git and `dvc metrics/params diff`). Writes the comment (Markdown) to stdout.
 Images are referenced by their paths in the repo; `cml comment create --publish`
 (.github/workflows/pr-report.yml) uploads them.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from stages.common import cli
 from stages.common.runtime import PROJECT_ROOT
 from stages.tools import dvc
 
@@ -46,6 +48,7 @@ MODEL_STAGES = {
     "distilled": "distill",
     "baseline_deployed": "trt_build",
     "deployed": "trt_build",
+    "deployed_fp32": "trt_build",
 }
 # The plots a reviewer looks at first, with their titles.
 KEY_PLOTS = {
@@ -215,12 +218,12 @@ def _at_base(base: str, path: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__)
     parser.add_argument("--base", default="HEAD", help="git revision to compare with")
     args = parser.parse_args(argv)
     head_lock_file = PROJECT_ROOT / "dvc.lock"
     if not head_lock_file.is_file():
-        sys.exit("dvc.lock not found: run `dvc repro` before building the comment.")
+        raise cli.UserError("dvc.lock not found: run `dvc repro` before building the comment.")
     own, changed = changed_stages(
         yaml.safe_load(_at_base(args.base, "dvc.lock") or "{}"),
         yaml.safe_load(head_lock_file.read_text()),
@@ -251,4 +254,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -7,11 +7,12 @@
 A profile (stages/profiles/<name>.yaml) lists the keys it sets. default.yaml holds the embedded
 default's value of every key another profile sets, so switching back restores params.yaml
 exactly. A profile key that params.yaml does not have is an error, not a silent addition.
+
+Reads stages/profiles/<name>.yaml and params.yaml; writes params.yaml (atomically).
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import PlainScalarString, SingleQuotedScalarString
 
+from stages.common import cli
 from stages.common.outputs import atomic_path, print_summary
 from stages.common.runtime import PROJECT_ROOT
 
@@ -35,7 +37,7 @@ def profiles() -> list[str]:
 def load_profile(name: str) -> dict:
     path = PROFILES_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise SystemExit(f"no profile {name!r}: choose one of {', '.join(profiles())}.")
+        raise cli.UserError(f"no profile {name!r}: choose one of {', '.join(profiles())}.")
     return yaml.safe_load(path.read_text()) or {}
 
 
@@ -57,7 +59,7 @@ def apply_profile(params_text: str, profile: dict) -> tuple[str, list[tuple[str,
     def set_values(target: Any, values: dict, prefix: str) -> None:
         for key, value in values.items():
             if not isinstance(target, dict) or key not in target:
-                raise KeyError(
+                raise cli.UserError(
                     f"the profile sets {prefix}{key}, which params.yaml does not have: fix the "
                     f"profile or add the key to params.yaml."
                 )
@@ -74,13 +76,10 @@ def apply_profile(params_text: str, profile: dict) -> tuple[str, list[tuple[str,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__)
     parser.add_argument("profile", help=f"one of: {', '.join(profiles())}")
     args = parser.parse_args(argv)
-    try:
-        text, changes = apply_profile(PARAMS.read_text(), load_profile(args.profile))
-    except KeyError as err:
-        raise SystemExit(f"profile {args.profile!r}: {err.args[0]}") from None
+    text, changes = apply_profile(PARAMS.read_text(), load_profile(args.profile))
     with atomic_path(PARAMS) as tmp:
         tmp.write_text(text)
     rows = [(key, f"{old!r} -> {new!r}") for key, old, new in changes] or [("", "no change")]
@@ -89,4 +88,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

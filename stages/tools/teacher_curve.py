@@ -10,13 +10,13 @@ less than ``--plateau`` (0.01) test AP50. Runs on the pipeline's current dataset
 `dvc repro dataset`).
 
 Each point is cached in .cache/teacher_curve/ under a hash of the params it depends on, so adding
-budgets later re-trains only the new ones. Writes reports/teacher_curve/curve.csv (a DVC plot),
+budgets later re-trains only the new ones. Reads params.yaml (`baseline`, `dataset`, `seed`,
+`imgsz`, `device`) and data/yolo. Writes reports/teacher_curve/curve.csv (a DVC plot),
 curve.md and curve.png. Not DVC outputs: run on demand.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages import baseline
+from stages.common import cli, yolo
 from stages.common import params as P
-from stages.common import yolo
 from stages.common.outputs import (
     atomic_path,
     print_summary,
@@ -118,7 +118,7 @@ def plot(points: Sequence[dict], current: int, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.parser(__doc__)
     parser.add_argument("--epochs", type=int, nargs="+", required=True)
     parser.add_argument("--plateau", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
@@ -144,4 +144,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,0 +1,61 @@
+"""Entry points: a user's mistake is one line on stderr, a bug keeps its traceback.
+
+Every stage and tool ends with ``cli.run(main, __doc__)``. A :class:`UserError` (a bad param, a
+missing or corrupt input, an unmet budget: something the user must fix) is printed as
+``<command>: <message>`` and exits with status 1. Any other exception is a bug in this project and
+propagates with its full traceback. ``PIPELINE_TRACEBACK=1`` shows the traceback of user errors
+too. ``--help`` prints the module docstring: what the command reads and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+TRACEBACK_VARIABLE = "PIPELINE_TRACEBACK"
+
+
+class UserError(Exception):
+    """Something the user must fix (params, inputs, budgets); the message says what and how."""
+
+
+def parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser whose --help shows ``doc`` as written (the module docstring)."""
+    return argparse.ArgumentParser(
+        prog=prog or f"python -m {_module_name()}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+@contextmanager
+def user_errors_as_messages(command: str) -> Iterator[None]:
+    """Turn a :class:`UserError` into ``command: message`` on stderr and exit status 1."""
+    try:
+        yield
+    except UserError as err:
+        if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        print(f"{command}: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(main: Callable[..., object], doc: str | None = None) -> None:
+    """Run an entry point. With ``doc`` (a stage, which takes no options) the command line is
+    parsed here, so that ``--help`` works; a tool's ``main`` parses its own arguments."""
+    module = _module_name()
+    if doc is not None:
+        parser(doc).parse_args()
+    with user_errors_as_messages(module.rsplit(".", 1)[-1]):
+        main()
+
+
+def _module_name() -> str:
+    """``stages.prune`` for ``python -m stages.prune`` (or the script's name otherwise)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name
+    return os.path.splitext(os.path.basename(sys.argv[0]))[0]
