@@ -169,15 +169,24 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, workspace_g
     }
 
 
-def quantize_checked(fp32: Path, out: Path, cfg: dict, imgsz: int) -> dict[str, Any]:
-    """Write the INT8 Q/DQ model of ``fp32`` to ``out``, check it, and describe it.
+def int8_images(cfg: dict, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
+    """``calibration_images`` training images (calibration) and as many val images (the
+    agreement check), read once for every model the stage quantizes."""
+    count = cfg["calibration_images"]
+    return tuple(calibration_batch(d, count, imgsz).numpy() for d in (TRAIN_IMAGES, VAL_IMAGES))
+
+
+def quantize_checked(
+    fp32: Path, out: Path, cfg: dict, images: tuple[np.ndarray, np.ndarray]
+) -> dict[str, Any]:
+    """Write the INT8 Q/DQ model of ``fp32`` to ``out``, check it, and describe it; ``images``
+    are :func:`int8_images`.
 
     Fails (nothing is deployed) when the graph breaks TensorRT's rules (a bug) or when it
     reproduces less than ``int8_min_agreement`` of the fp32 model's detections on val images (the
     user must change the exclusions, the calibration or the precision).
     """
-    count = cfg["calibration_images"]
-    calibration = calibration_batch(TRAIN_IMAGES, count, imgsz).numpy()
+    calibration, check = images
     kept_float = quantize.quantize_int8(
         fp32, out, calibration, cfg["int8_exclude"], cfg["int8_calibration"]
     )
@@ -185,7 +194,6 @@ def quantize_checked(fp32: Path, out: Path, cfg: dict, imgsz: int) -> dict[str, 
     problems = quantize.tensorrt_rule_violations(model)
     if problems:
         raise RuntimeError(f"{out} breaks TensorRT's Q/DQ rules: {'; '.join(problems[:5])}")
-    check = calibration_batch(VAL_IMAGES, count, imgsz).numpy()
     reference = quantize.raw_outputs(quantize.onnx_session(fp32), check)
     divergence = quantize.divergence(
         reference, quantize.raw_outputs(quantize.onnx_session(out), check)
@@ -210,17 +218,23 @@ def quantize_checked(fp32: Path, out: Path, cfg: dict, imgsz: int) -> dict[str, 
 
 
 def deploy(
-    stem: str, folder: Path, precisions: list[str], cfg: dict, imgsz: int, backend: str
+    stem: str,
+    folder: Path,
+    precisions: list[str],
+    cfg: dict,
+    images: tuple[np.ndarray, np.ndarray] | None,
+    backend: str,
 ) -> dict[str, dict[str, Any]]:
-    """Deploy ``folder/<stem>.onnx`` (already exported) at each precision on ``backend``:
-    precision -> what was deployed (file, precision it really has, size, build details)."""
+    """Deploy ``folder/<stem>.onnx`` (already exported) at each precision on ``backend``
+    (``images``: :func:`int8_images`, for int8): precision -> what was deployed (file, precision
+    it really has, size, build details)."""
     onnx_path = folder / f"{stem}.onnx"
     deployed: dict[str, dict[str, Any]] = {}
     for precision in precisions:
         source, record = onnx_path, {}
         if precision == "int8":
             source = folder / f"{stem}.int8.onnx"
-            record["int8"] = quantize_checked(onnx_path, source, cfg, imgsz)
+            record["int8"] = quantize_checked(onnx_path, source, cfg, images)
         if backend == "tensorrt":
             suffix = "" if precision == cfg["precision"] else f".{precision}"
             artifact = folder / f"{stem}{suffix}.engine"
@@ -258,6 +272,7 @@ def main() -> None:
     }
     if reason:
         record["no_engine_because"] = reason
+    images = int8_images(cfg, imgsz) if cfg["precision"] == "int8" else None
     with atomic_path(DEPLOY_DIR) as tmp:
         tmp.mkdir()
         record["onnx"], deployed = {}, {}
@@ -271,7 +286,7 @@ def main() -> None:
                 "mb": round(onnx_path.stat().st_size / 2**20, 3),
             }
             wanted = precisions if stem == "model" else precisions[:1]
-            deployed[stem] = deploy(stem, tmp, wanted, cfg, imgsz, backend)
+            deployed[stem] = deploy(stem, tmp, wanted, cfg, images, backend)
         model, baseline = deployed["model"], deployed["baseline"]
         main_precision = next(iter(model))
         record["artifacts"] = {

@@ -75,6 +75,13 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(
         cli.run(lambda: 1 / 0)
 
 
+def _python(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python <args>`` in ``cwd``, output captured (these tests expect it to fail)."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
 def _edit_params(repo: Path, section: str, **values: object) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params[section].update(values)
@@ -140,9 +147,7 @@ def test_each_kind_of_user_error_exits_non_zero_with_a_message_not_a_traceback(
     module, setup, *expected = USER_ERRORS[kind]
     if setup:
         setup(repo)
-    done = subprocess.run(
-        [sys.executable, "-m", module], cwd=repo, env=env, capture_output=True, text=True
-    )
+    done = _python(["-m", module], repo, env)
     assert done.returncode == 1, done.stderr
     print(done.stderr.splitlines()[-1])  # the message, shown with `pytest -s`
     assert "Traceback" not in done.stderr
@@ -151,9 +156,7 @@ def test_each_kind_of_user_error_exits_non_zero_with_a_message_not_a_traceback(
 
     if kind == "bad param":  # the documented switch shows where it came from
         env[cli.TRACEBACK_VARIABLE] = "1"
-        done = subprocess.run(
-            [sys.executable, "-m", module], cwd=repo, env=env, capture_output=True, text=True
-        )
+        done = _python(["-m", module], repo, env)
         assert done.returncode == 1 and "Traceback" in done.stderr
         assert "ParamsError: params.yaml: prune.ratio = 1.5" in done.stderr
 
@@ -162,13 +165,7 @@ def test_a_genuine_bug_in_a_subprocess_shows_its_traceback(
     fresh_checkout: tuple[Path, dict[str, str]],
 ) -> None:
     repo, env = fresh_checkout
-    done = subprocess.run(
-        [sys.executable, "-c", "from stages.common import cli; cli.run(lambda: 1 / 0)"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    done = _python(["-c", "from stages.common import cli; cli.run(lambda: 1 / 0)"], repo, env)
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "ZeroDivisionError" in done.stderr
 
@@ -197,13 +194,7 @@ def test_a_non_editable_install_is_refused_before_it_writes_anything(
     )
     elsewhere = tmp_path / "work"
     elsewhere.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-m", "stages.prune"],
-        cwd=elsewhere,
-        env={**env, "PYTHONPATH": str(site)},
-        capture_output=True,
-        text=True,
-    )
+    done = _python(["-m", "stages.prune"], elsewhere, {**env, "PYTHONPATH": str(site)})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"stages: {site} has no dvc.yaml or params.yaml" in done.stderr
     assert "pip install -e ." in done.stderr

@@ -122,10 +122,11 @@ def test_an_int8_model_that_disagrees_with_fp32_is_not_deployed(
         "int8_exclude": ["/{head}/dfl/"],
         "int8_min_agreement": 0.99,
     }
+    images = stage.int8_images(cfg, IMGSZ)
     with pytest.raises(UserError, match=r"reproduces only 0\.\d+ \(F1\) of the fp32 model's"):
-        stage.quantize_checked(onnx, tmp_path / "q.onnx", cfg, IMGSZ)
+        stage.quantize_checked(onnx, tmp_path / "q.onnx", cfg, images)
     record = stage.quantize_checked(
-        onnx, tmp_path / "q.onnx", {**cfg, "int8_min_agreement": 0.0}, IMGSZ
+        onnx, tmp_path / "q.onnx", {**cfg, "int8_min_agreement": 0.0}, images
     )
     assert record["check_images"] == 8 and record["vs_fp32_f1"] < 0.99
     assert record["vs_fp32_reference_detections"] > 100  # the fp32 model did detect things

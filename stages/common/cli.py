@@ -22,10 +22,10 @@ class UserError(Exception):
     """Something the user must fix (params, inputs, budgets); the message says what and how."""
 
 
-def parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
+def parser(doc: str | None) -> argparse.ArgumentParser:
     """An argument parser whose --help shows ``doc`` as written (the module docstring)."""
     return argparse.ArgumentParser(
-        prog=prog or f"python -m {_module_name()}",
+        prog=f"python -m {_module_name()}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

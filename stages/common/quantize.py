@@ -37,7 +37,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
-from onnxruntime.quantization import CalibrationDataReader
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 
 from stages.common.cli import UserError
 from stages.common.runtime import cpu_threads
@@ -114,8 +120,6 @@ def quantize_int8(
     """Write the INT8 Q/DQ model of ``fp32`` to ``out``, calibrated on ``images`` (N x 3 x H x W
     in [0, 1]) with ``method`` (minmax, percentile, entropy); returns the names of the nodes kept
     in float. ``key`` names the exclusion list in error messages."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     model = onnx.load(fp32)
     batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value
     if len(images) < batch:
