@@ -28,8 +28,9 @@ Reads: models/sparse.pt. Writes: models/pruned.pt (an ultralytics checkpoint tha
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,9 @@ from torch import nn
 from ultralytics.nn.modules import C2f, Detect
 from ultralytics.nn.tasks import DetectionModel
 
-from stages.common import cli, yolo
+from stages.common import budget, cli, timing, yolo
 from stages.common import params as P
+from stages.common.export import build_engine, export_onnx, tensorrt_unavailable
 from stages.common.images import VAL_IMAGES, calibration_batch
 from stages.common.layers import C2fSplit
 from stages.common.outputs import (
@@ -51,12 +53,18 @@ from stages.common.outputs import (
     write_json,
     written,
 )
-from stages.common.runtime import PROJECT_ROOT
+from stages.common.runtime import PROJECT_ROOT, TMP_DIR
 
 SPARSE = PROJECT_ROOT / "models" / "sparse.pt"
 MODEL_OUT = PROJECT_ROOT / "models" / "pruned.pt"
 REPORT_DIR = PROJECT_ROOT / "reports" / "prune"
 NOT_SPARSE_GAMMA = 0.1  # pruning a channel with a larger |gamma| removes real signal
+
+# Where a latency budget is measured; TensorRT candidates are fp16 engines on GPU 0.
+RUNTIMES = ("onnxruntime-cpu", "torch-cpu", "tensorrt")
+LATENCY_WARMUP, LATENCY_REPEATS = 5, 20  # per candidate of a latency search
+LATENCY_STEPS = 8  # bisection steps of a latency search (each builds and times a model)
+LATENCY_OPSET = 17  # the ONNX opset of onnxruntime-cpu candidates
 
 SCHEMA = {
     "imgsz": P.COMMON["imgsz"],
@@ -67,11 +75,22 @@ SCHEMA = {
             "method": P.Choice("global", "uniform"),
             "min_channels": P.Int(1, 4096),
             "round_to": P.Int(1, 256),
+            "max_layer_ratio": P.Float(0, 1, open_lo=True),
+            "importance": P.Choice("gamma", "gamma_per_flop"),
             "head": P.Bool(),
             "calibration_images": P.Int(1, 10_000),
+            "budget": P.Section(
+                {
+                    "params_m": P.Optional(P.Float(0, open_lo=True)),
+                    "gflops": P.Optional(P.Float(0, open_lo=True)),
+                    "latency_ms": P.Optional(P.Float(0, open_lo=True)),
+                    "runtime": P.Choice(*RUNTIMES),
+                }
+            ),
         }
     ),
 }
+BUDGETS = ("params_m", "gflops", "latency_ms")
 
 ChannelId = tuple[str, int]  # (name of the producing nn.Conv2d, output channel index)
 OPAQUE = "opaque"  # layout of a tensor whose channels we cannot follow
@@ -314,8 +333,15 @@ def plan(
     min_channels: int,
     round_to: int,
     skip_prefixes: Iterable[str] = (),
+    max_layer_ratio: float = 1.0,
+    group_macs: Mapping[ChannelId, int] | None = None,
 ) -> PrunePlan:
-    """Decide which channel groups to remove (pure: no module is changed)."""
+    """Decide which channel groups to remove (pure: no module is changed).
+
+    No space loses more than ``max_layer_ratio`` of its channels. With ``group_macs`` (the MACs
+    each channel's removal saves, see budget.channel_macs) groups are ranked by |gamma| per MAC
+    saved instead of |gamma|: at a FLOPs or latency budget, the expensive channels go first.
+    """
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     skip = tuple(skip_prefixes)
@@ -335,21 +361,22 @@ def plan(
             space.fixed += 1
         else:
             space.groups.append(members)
-    importance = {
-        id(g): largest_gamma(graph, bn_gammas, g) for s in by_space.values() for g in s.groups
-    }
+    all_groups = [g for s in by_space.values() for g in s.groups]
+    importance = {id(g): largest_gamma(graph, bn_gammas, g) for g in all_groups}
+    if group_macs is not None:
+        importance = budget.cost_aware(importance, all_groups, group_macs)
     prunable = sum(len(g) for s in by_space.values() for g in s.groups)
 
     if method == "global":  # one threshold over all prunable groups, counted in member channels
         ranked = sorted(
             (g for s in by_space.values() for g in s.groups), key=lambda g: importance[id(g)]
         )
-        budget, chosen = ratio * prunable, set()
+        remaining, chosen = ratio * prunable, set()
         for g in ranked:
-            if budget <= 0:
+            if remaining <= 0:
                 break
             chosen.add(id(g))
-            budget -= len(g)
+            remaining -= len(g)
         wanted = {k: sum(id(g) in chosen for g in s.groups) for k, s in by_space.items()}
     elif method == "uniform":
         wanted = {k: int(ratio * len(s.groups)) for k, s in by_space.items()}
@@ -360,10 +387,11 @@ def plan(
     for key, space in by_space.items():
         space.groups.sort(key=lambda g: importance[id(g)], reverse=True)
         size = space.fixed + len(space.groups)
-        kept = max(size - wanted[key], min(min_channels, size), 1)
+        floor = max(min(min_channels, size), budget.kept_at_least(size, max_layer_ratio), 1)
+        kept = max(size - wanted[key], floor)
         kept = min(size, math.ceil(kept / round_to) * round_to)
         kept = max(kept, space.fixed)
-        space.capped = kept > size - wanted[key]
+        space.capped = kept > size - wanted[key]  # by min_channels, max_layer_ratio or round_to
         space.kept = kept
         for g in space.groups[kept - space.fixed :]:
             removed.update(g)
@@ -490,18 +518,125 @@ def plot_channels(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def active_budget(cfg: dict) -> tuple[str, float] | None:
+    """The one target set under prune.budget, or None: prune by prune.ratio."""
+    given = [(key, cfg["budget"][key]) for key in BUDGETS if cfg["budget"][key] is not None]
+    if len(given) > 1:
+        raise P.ParamsError(
+            f"params.yaml: prune.budget sets {' and '.join(k for k, _ in given)}: set one of "
+            f"{', '.join(BUDGETS)} (the others null), or all null to prune by prune.ratio."
+        )
+    return given[0] if given else None
+
+
+def latency_measure(
+    model: nn.Module, graph: ChannelGraph, runtime: str, imgsz: int
+) -> Callable[[set[ChannelId]], float]:
+    """A function giving the median latency (ms, one image) of ``model`` with some channels
+    removed, on ``runtime`` on this machine: each call cuts a copy and times it."""
+    if runtime == "tensorrt" and (reason := tensorrt_unavailable("0")):
+        raise cli.UserError(
+            f"params.yaml: prune.budget.runtime = 'tensorrt' cannot be measured here: {reason}. "
+            f"Run the search on the GPU box, or use onnxruntime-cpu, torch-cpu or a gflops budget."
+        )
+    shapes_only = torch.rand(1, 3, 64, 64)  # folding needs some images; speed needs none
+    work = TMP_DIR / "prune-latency"
+    work.mkdir(parents=True, exist_ok=True)
+
+    def measure(removed: set[ChannelId]) -> float:
+        candidate = deepcopy(model)
+        apply(candidate, graph, removed, shapes_only)
+        if runtime == "torch-cpu":
+            run = timing.torch_runner(candidate.fuse(verbose=False), imgsz, "cpu")
+        else:
+            torch.save({"model": candidate.half(), "train_args": {}}, work / "candidate.pt")
+            export_onnx(work / "candidate.pt", work / "candidate.onnx", imgsz, 1, LATENCY_OPSET)
+            if runtime == "tensorrt":
+                build_engine(work / "candidate.onnx", work / "candidate.engine", "fp16", 4.0)
+                run = timing.engine_runner(work / "candidate.engine", [1, 3, imgsz, imgsz])
+            else:
+                run = timing.onnx_runner(work / "candidate.onnx", [1, 3, imgsz, imgsz])
+        times = timing.latency_ms({"candidate": run}, LATENCY_WARMUP, LATENCY_REPEATS)
+        return statistics.median(times["candidate"])
+
+    return measure
+
+
+def choose_plan(
+    model: nn.Module, graph: ChannelGraph, gammas: dict, cfg: dict, imgsz: int, skip: tuple
+) -> tuple[PrunePlan, dict]:
+    """The plan at prune.ratio, or at the smallest ratio that meets prune.budget; and how the
+    ratio was chosen (for prune.json)."""
+    shapes = budget.conv_shapes(model, imgsz)
+    saved = budget.channel_macs(shapes, graph.inputs)
+    per_mac = saved if cfg["importance"] == "gamma_per_flop" else None
+
+    def plan_at(ratio: float) -> PrunePlan:
+        return plan(
+            graph,
+            gammas,
+            ratio,
+            cfg["method"],
+            cfg["min_channels"],
+            cfg["round_to"],
+            skip,
+            cfg["max_layer_ratio"],
+            per_mac,
+        )
+
+    target = active_budget(cfg)
+    if target is None:
+        return plan_at(cfg["ratio"]), {"ratio": cfg["ratio"], "ratio_from": "prune.ratio"}
+    key, value = target
+    if key == "latency_ms":
+        measure = latency_measure(model, graph, cfg["budget"]["runtime"], imgsz)
+        steps = LATENCY_STEPS
+
+        def value_at(ratio: float) -> float:
+            return measure(plan_at(ratio).removed)
+
+    else:  # exact: counted on the plan, no model is cut
+        steps = 30
+
+        def value_at(ratio: float) -> float:
+            params, macs = budget.pruned_cost(shapes, graph.inputs, plan_at(ratio).removed)
+            return params / 1e6 if key == "params_m" else 2 * macs / 1e9
+
+    try:
+        found = budget.smallest_ratio_within(value_at, value, steps)
+    except budget.Unreachable as err:
+        raise cli.UserError(
+            f"params.yaml: prune.budget.{key} = {value} cannot be met: pruned by "
+            f"{cfg['method']} with min_channels {cfg['min_channels']}, round_to "
+            f"{cfg['round_to']} and max_layer_ratio {cfg['max_layer_ratio']}, this model reaches "
+            f"{err.smallest:.4g} at the smallest and is {err.largest:.4g} unpruned. Set a value "
+            f"in [{err.smallest:.4g}, {err.largest:.4g}), or relax those params."
+        ) from None
+    how = {
+        "ratio": round(found.ratio, 6),
+        "ratio_from": f"searched for prune.budget.{key}",
+        "budget_target": value,
+        "budget_achieved": round(found.achieved, 4),
+    }
+    if key == "latency_ms":  # measured, so recorded: ratio -> median ms
+        how["latency_runtime"] = cfg["budget"]["runtime"]
+        how["latency_measured_ms"] = [
+            {"ratio": round(r, 6), "ms": round(v, 3)} for r, v in sorted(found.tried)
+        ]
+    return plan_at(found.ratio), how
+
+
 def main() -> None:
     params = P.load(SCHEMA)
     cfg = params["prune"]
     imgsz = params["imgsz"]
+    active_budget(cfg)  # two budgets at once: a params error before any work
     detector = yolo.load_detector(SPARSE)
     model = make_prunable(detector.model.float().eval())
     graph = trace(model)
     skip = () if cfg["head"] else (detect_prefix(model),)
     gammas = bn_gammas(model)
-    chosen = plan(
-        graph, gammas, cfg["ratio"], cfg["method"], cfg["min_channels"], cfg["round_to"], skip
-    )
+    chosen, how = choose_plan(model, graph, gammas, cfg, imgsz, skip)
     before_size = yolo.model_size(model, imgsz)
     before_channels = conv_channels(model, graph)
     largest_removed = largest_gamma(graph, gammas, chosen.removed)
@@ -529,7 +664,7 @@ def main() -> None:
 
     capped = [" + ".join(s.convs) for s in chosen.spaces if s.capped]
     metrics = {
-        "ratio_requested": cfg["ratio"],
+        **how,
         "ratio_achieved": round(chosen.removed_prunable / max(chosen.prunable, 1), 4),
         "params_before_m": round(before_size["params"] / 1e6, 4),
         "params_after_m": round(after_size["params"] / 1e6, 4),
@@ -554,11 +689,21 @@ def main() -> None:
     write_csv(REPORT_DIR / "channels.csv", rows)
     plot_channels(rows, REPORT_DIR / "channels.png")
 
-    lines = [
+    lines = []
+    if "budget_target" in how:
+        unit = how["ratio_from"].rsplit(".", 1)[1]
+        lines.append(
+            (
+                f"budget {unit}",
+                f"target {how['budget_target']:g}, achieved {how['budget_achieved']:g} at the "
+                f"smallest ratio that meets it",
+            )
+        )
+    lines += [
         (
-            "ratio requested / achieved",
-            f"{cfg['ratio']:.2f} / {metrics['ratio_achieved']:.3f} "
-            f"of {chosen.prunable} prunable channels ({cfg['method']})",
+            f"ratio ({how['ratio_from']}) / achieved",
+            f"{how['ratio']:.4f} / {metrics['ratio_achieved']:.3f} of {chosen.prunable} "
+            f"prunable channels ({cfg['method']}, ranked by {cfg['importance']})",
         ),
         (
             "params (fused)",

@@ -230,11 +230,11 @@ def test_an_experiment_shows_in_metrics_diff_plots_diff_pr_comment_and_pareto(
     _run([*dvc, "exp", "run", "-n", "ratio-half", "-S", "prune.ratio=0.5"], repo, env)
 
     diff = json.loads(_run([*dvc, "metrics", "diff", "HEAD", "--json"], repo, env))
-    ratio = diff["reports/prune/prune.json"]["ratio_requested"]
+    ratio = diff["reports/prune/prune.json"]["ratio"]
     assert (ratio["old"], ratio["new"]) == (0.6, 0.5)
     assert "pruned.params_m" in diff["reports/metrics.json"]
     table = _run([*dvc, "metrics", "diff", "HEAD", "--md"], repo, env)
-    assert "| reports/prune/prune.json" in table and "ratio_requested" in table
+    assert "| reports/prune/prune.json" in table and "ratio_achieved" in table
 
     plots = json.loads(_run([*dvc, "plots", "diff", "HEAD", "--json"], repo, env))
     assert not plots.get("errors"), plots["errors"]
@@ -245,7 +245,7 @@ def test_an_experiment_shows_in_metrics_diff_plots_diff_pr_comment_and_pareto(
     assert "accuracy vs CPU latency" in (rendered / "index.html").read_text()
 
     comment = _run([sys.executable, "-m", "stages.tools.pr_comment", "--base", "HEAD"], repo, env)
-    assert "| params.yaml | prune.ratio" in comment and "ratio_requested" in comment
+    assert "| params.yaml | prune.ratio" in comment and "ratio_achieved" in comment
     assert "![AP50 per class](reports/evaluate/per_class_ap50.png)" in comment
 
     sweep = repo.parent / "sweep"
@@ -310,12 +310,17 @@ def test_ddp_worker_script_runs_our_trainers_with_their_settings(
     assert list(Path(env["HOME"]).iterdir()) == []
 
 
-def test_dvc_queue_runs_two_experiments_on_two_workers(tiny_repo: tuple[Path, dict]) -> None:
+def test_a_queued_sweep_over_flops_budgets_runs_on_two_workers_and_feeds_pareto(
+    tiny_repo: tuple[Path, dict],
+) -> None:
+    """`-S prune.budget.gflops=...` from the default params (where it is null) sets one budget;
+    the yolov8n of the tiny profile has 0.081 GFLOPs at imgsz 64."""
     repo, env = tiny_repo
     _reproduced(repo, env)
     dvc = [sys.executable, "-m", "dvc"]
-    for name, ratio in (("queued-a", 0.5), ("queued-b", 0.7)):
-        _run([*dvc, "exp", "run", "--queue", "-n", name, "-S", f"prune.ratio={ratio}"], repo, env)
+    for name, gflops in (("queued-a", 0.05), ("queued-b", 0.03)):
+        setting = f"prune.budget.gflops={gflops}"
+        _run([*dvc, "exp", "run", "--queue", "-n", name, "-S", setting], repo, env)
     assert "Started '2' new" in _run([*dvc, "queue", "start", "-j", "2"], repo, env)
     try:
         deadline = time.monotonic() + 600
@@ -331,10 +336,18 @@ def test_dvc_queue_runs_two_experiments_on_two_workers(tiny_repo: tuple[Path, di
         e["name"]: e
         for e in experiments(json.loads(_run([*dvc, "exp", "show", "--json"], repo, env)))
     }
-    ratios = {name: found[name]["params"]["prune.ratio"] for name in ("queued-a", "queued-b")}
-    assert ratios == {"queued-a": 0.5, "queued-b": 0.7}
-    params_m = [found[name]["metrics"]["pruned"]["params_m"] for name in ("queued-a", "queued-b")]
-    assert params_m[0] > params_m[1]  # each ran its own prune ratio
+    budgets = {n: found[n]["params"]["prune.budget.gflops"] for n in ("queued-a", "queued-b")}
+    assert budgets == {"queued-a": 0.05, "queued-b": 0.03}
+    for name, gflops in budgets.items():  # each searched its own ratio and met its budget
+        pruned = found[name]["metrics"]["pruned"]
+        assert pruned["gflops"] <= gflops and found[name]["params"]["prune.ratio"] == 0.6
+    a, b = (found[n]["metrics"]["pruned"]["gflops"] for n in ("queued-a", "queued-b"))
+    assert a > b
+    sweep = repo.parent / "budget-sweep"
+    _run([sys.executable, "-m", "stages.tools.pareto", "--out", str(sweep)], repo, env)
+    rows = (sweep / "pareto.csv").read_text().splitlines()
+    assert "prune.budget.gflops" in rows[0]
+    assert {"queued-a", "queued-b"} <= {row.split(",")[0] for row in rows[1:]}
 
 
 def test_a_dvc_remote_gives_a_fresh_clone_the_results_without_rerunning(
@@ -406,7 +419,7 @@ def test_pr_report_shows_only_what_the_pr_changed_with_and_without_a_remote(
         caused
     )
     assert "| reports/metrics.json | pruned.params_m |" in caused
-    assert "ratio_requested" in caused
+    assert "| reports/prune/prune.json | ratio |" in caused
     assert "| reports/metrics.json | baseline." not in caused
     assert "| reports/metrics.json | sparse." not in caused
     # evaluate re-timed the unchanged baseline: its latency moved, and is listed as noise.

@@ -15,9 +15,9 @@ from onnx import numpy_helper
 
 from stages.common import quantize as Q
 from stages.common.cli import UserError
+from stages.common.export import export_onnx
 from stages.common.images import calibration_batch
 from stages.common.runtime import PROJECT_ROOT
-from stages.trt_build import export_onnx
 from tests.test_prune import _pruned_model
 
 IMGSZ = 128

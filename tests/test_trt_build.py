@@ -15,11 +15,11 @@ from ultralytics.nn.tasks import DetectionModel
 from stages.common import params as P
 from stages.common import quantize
 from stages.common.cli import UserError
+from stages.common.export import export_onnx
 from stages.common.images import calibration_batch
 from stages.trt_build import (
     SCHEMA,
     check_params,
-    export_onnx,
     max_exportable_opset,
     tensorrt_unavailable,
 )

@@ -188,6 +188,24 @@ class FloatList:
 
 
 @dataclass(frozen=True)
+class Optional:
+    """null, or a value the inner rule accepts."""
+
+    inner: Any
+
+    def describe(self) -> str:
+        return f"null or {self.inner.describe()}"
+
+    def check(self, key: str, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return self.inner.check(key, value)
+        except ParamsError:
+            raise _fail(key, value, self.describe()) from None
+
+
+@dataclass(frozen=True)
 class Bool:
     """true or false."""
 

@@ -32,11 +32,12 @@ from tqdm import tqdm
 from stages.common import cli, quantize, yolo
 from stages.common import params as P
 from stages.common.environment import cpu_description
+from stages.common.export import export_onnx
 from stages.common.outputs import atomic_path, print_summary, save_figure, write_csv, written
 from stages.common.runtime import PROJECT_ROOT, TMP_DIR, cpu_threads
-from stages.evaluate import latency_ms, onnx_runner, torch_runner
+from stages.common.timing import latency_ms, onnx_runner, torch_runner
 from stages.prune import uniformly_pruned
-from stages.trt_build import SCHEMA, export_onnx
+from stages.trt_build import SCHEMA
 
 OUT_DIR = PROJECT_ROOT / "reports" / "benchmark"
 BACKENDS = ("pytorch", "onnxruntime", "onnxruntime_int8")

@@ -1,4 +1,4 @@
-"""Collect DVC experiments into accuracy-vs-latency and accuracy-vs-params Pareto charts.
+"""Collect DVC experiments into accuracy-vs-latency, -GFLOPs and -params Pareto charts.
 
 A sweep, then the chart::
 
@@ -26,7 +26,8 @@ from stages.evaluate import plot_accuracy_vs_cost
 from stages.tools import dvc
 
 METRICS_FILE = "reports/metrics.json"
-FRONTS = {"latency_ms": "front_latency", "params_m": "front_params"}  # cost column -> flag column
+# cost column -> its Pareto-front flag column
+FRONTS = {"latency_ms": "front_latency", "gflops": "front_gflops", "params_m": "front_params"}
 OUT_DIR = PROJECT_ROOT / "reports" / "sweep"
 
 
@@ -90,7 +91,7 @@ def _usable(experiment: dict, model: str) -> bool:
 
 def sweep_rows(found: list[dict], model: str) -> list[dict]:
     """One row per usable experiment: the params that differ between them and the model's
-    accuracy and cost, with Pareto flags for latency and for params."""
+    accuracy and cost, with Pareto flags for latency, GFLOPs and params."""
     usable = [e for e in found if _usable(e, model)]
     varying = sorted(
         {
@@ -144,7 +145,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     plot_accuracy_vs_cost(
         rows,
         "experiment",
-        {"latency_ms": f"{device} latency per image (ms)", "params_m": "params (M)"},
+        {
+            "latency_ms": f"{device} latency per image (ms)",
+            "gflops": "GFLOPs",
+            "params_m": "params (M)",
+        },
         out / "pareto.png",
         ylabel=f"AP50 ({args.model})",
         fronts=FRONTS,
@@ -154,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             r["experiment"],
             f"AP50 {r['ap50']:.3f}  {r['latency_ms']:.2f} ms  {r['params_m']:.3f} M params"
             + ("  [front: latency]" if r["front_latency"] else "")
+            + ("  [front: GFLOPs]" if r["front_gflops"] else "")
             + ("  [front: params]" if r["front_params"] else ""),
         )
         for r in rows

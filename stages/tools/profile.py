@@ -53,6 +53,9 @@ def apply_profile(params_text: str, profile: dict) -> tuple[str, list[tuple[str,
     """params.yaml text with the profile's values set; returns it and (key, old, new) changes."""
     round_trip = YAML()
     round_trip.preserve_quotes = True
+    round_trip.representer.add_representer(  # `null` stays `null`, not an empty value
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
     params = round_trip.load(params_text)
     changes: list[tuple[str, Any, Any]] = []
 
