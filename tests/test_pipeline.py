@@ -35,6 +35,7 @@ TINY = {
     },
     "baseline": {"epochs": 1, "batch": 8, "nbs": 8, "warmup_epochs": 0.0},
     "sparse_train": {"epochs": 1, "batch": 8, "nbs": 8},
+    "prune": {"ratio": 0.6},  # the tests' own ratio, whatever the default
     "distill": {"epochs": 1, "batch": 8, "nbs": 8},
     "evaluate": {"latency_warmup": 1, "latency_repeats": 3},
     # A 1-epoch model's few, low-confidence detections are no test of INT8 fidelity.
