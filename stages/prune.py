@@ -13,7 +13,10 @@ Channels are removed in tied groups: a group is the set of conv output channels 
 together, ranked by the largest |gamma| among its members. ``global`` removes the lowest-ranked
 groups over the whole network until ``ratio`` of the prunable conv channels are gone (network
 slimming); ``uniform`` removes ``ratio`` of each channel space. Per space, ``min_channels`` keeps
-layers alive and the kept count is rounded up to a multiple of ``round_to``.
+layers alive, ``max_layer_ratio`` caps what it may lose and the kept count is rounded up to a
+multiple of ``round_to``. ``importance: gamma_per_flop`` ranks by |gamma| per MAC saved instead.
+With a ``budget`` (params, GFLOPs or a latency measured here) the ratio is searched, not read: the
+smallest one whose plan meets the target (stages/common/budget.py).
 
 A removed channel still emitted a constant (act(beta) when gamma is 0): its mean value at every
 consumer convolution is folded into that convolution's bias, or its BatchNorm's running mean, so
@@ -28,6 +31,7 @@ Reads: models/sparse.pt. Writes: models/pruned.pt (an ultralytics checkpoint tha
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -62,7 +66,7 @@ NOT_SPARSE_GAMMA = 0.1  # pruning a channel with a larger |gamma| removes real s
 
 # Where a latency budget is measured; TensorRT candidates are fp16 engines on GPU 0.
 RUNTIMES = ("onnxruntime-cpu", "torch-cpu", "tensorrt")
-LATENCY_WARMUP, LATENCY_REPEATS = 5, 20  # per candidate of a latency search
+LATENCY_WARMUP, LATENCY_REPEATS = 10, 50  # per candidate of a latency search (as evaluate)
 LATENCY_STEPS = 8  # bisection steps of a latency search (each builds and times a model)
 LATENCY_OPSET = 17  # the ONNX opset of onnxruntime-cpu candidates
 
@@ -303,7 +307,7 @@ class Space:
     groups: list[list[ChannelId]]  # prunable groups, most important first after planning
     fixed: int  # channels of this space that may not be removed
     kept: int = 0
-    capped: bool = False  # min_channels or round_to kept more than the ratio asked for
+    capped: bool = False  # min_channels, max_layer_ratio or round_to kept more than asked
 
 
 @dataclass
@@ -334,11 +338,11 @@ def plan(
     round_to: int,
     skip_prefixes: Iterable[str] = (),
     max_layer_ratio: float = 1.0,
-    group_macs: Mapping[ChannelId, int] | None = None,
+    macs_saved: Mapping[ChannelId, int] | None = None,
 ) -> PrunePlan:
     """Decide which channel groups to remove (pure: no module is changed).
 
-    No space loses more than ``max_layer_ratio`` of its channels. With ``group_macs`` (the MACs
+    No space loses more than ``max_layer_ratio`` of its channels. With ``macs_saved`` (the MACs
     each channel's removal saves, see budget.channel_macs) groups are ranked by |gamma| per MAC
     saved instead of |gamma|: at a FLOPs or latency budget, the expensive channels go first.
     """
@@ -363,8 +367,8 @@ def plan(
             space.groups.append(members)
     all_groups = [g for s in by_space.values() for g in s.groups]
     importance = {id(g): largest_gamma(graph, bn_gammas, g) for g in all_groups}
-    if group_macs is not None:
-        importance = budget.cost_aware(importance, all_groups, group_macs)
+    if macs_saved is not None:
+        importance = budget.cost_aware(importance, all_groups, macs_saved)
     prunable = sum(len(g) for s in by_space.values() for g in s.groups)
 
     if method == "global":  # one threshold over all prunable groups, counted in member channels
@@ -530,18 +534,17 @@ def active_budget(cfg: dict) -> tuple[str, float] | None:
 
 
 def latency_measure(
-    model: nn.Module, graph: ChannelGraph, runtime: str, imgsz: int
+    model: nn.Module, graph: ChannelGraph, runtime: str, imgsz: int, device: str, work: Path
 ) -> Callable[[set[ChannelId]], float]:
-    """A function giving the median latency (ms, one image) of ``model`` with some channels
-    removed, on ``runtime`` on this machine: each call cuts a copy and times it."""
-    if runtime == "tensorrt" and (reason := tensorrt_unavailable("0")):
+    """A function giving the median latency (ms, one image, fp32; fp16 on TensorRT) of ``model``
+    with some channels removed, on ``runtime`` on this machine: each call cuts a copy and times
+    it, exported to ``work`` for ONNX Runtime and TensorRT."""
+    if runtime == "tensorrt" and (reason := tensorrt_unavailable(device)):
         raise cli.UserError(
             f"params.yaml: prune.budget.runtime = 'tensorrt' cannot be measured here: {reason}. "
             f"Run the search on the GPU box, or use onnxruntime-cpu, torch-cpu or a gflops budget."
         )
     shapes_only = torch.rand(1, 3, 64, 64)  # folding needs some images; speed needs none
-    work = TMP_DIR / "prune-latency"
-    work.mkdir(parents=True, exist_ok=True)
 
     def measure(removed: set[ChannelId]) -> float:
         candidate = deepcopy(model)
@@ -563,13 +566,19 @@ def latency_measure(
 
 
 def choose_plan(
-    model: nn.Module, graph: ChannelGraph, gammas: dict, cfg: dict, imgsz: int, skip: tuple
+    model: nn.Module,
+    graph: ChannelGraph,
+    gammas: dict[str, torch.Tensor],
+    params: dict,
+    skip: tuple[str, ...],
 ) -> tuple[PrunePlan, dict]:
     """The plan at prune.ratio, or at the smallest ratio that meets prune.budget; and how the
-    ratio was chosen (for prune.json)."""
-    shapes = budget.conv_shapes(model, imgsz)
-    saved = budget.channel_macs(shapes, graph.inputs)
-    per_mac = saved if cfg["importance"] == "gamma_per_flop" else None
+    ratio was chosen (for prune.json). ``params`` is the validated SCHEMA."""
+    cfg, imgsz = params["prune"], params["imgsz"]
+    target = active_budget(cfg)
+    cost_aware = cfg["importance"] == "gamma_per_flop"
+    shapes = budget.conv_shapes(model, imgsz) if target or cost_aware else {}
+    macs_saved = budget.channel_macs(shapes, graph.inputs) if cost_aware else None
 
     def plan_at(ratio: float) -> PrunePlan:
         return plan(
@@ -581,29 +590,37 @@ def choose_plan(
             cfg["round_to"],
             skip,
             cfg["max_layer_ratio"],
-            per_mac,
+            macs_saved,
         )
 
-    target = active_budget(cfg)
     if target is None:
         return plan_at(cfg["ratio"]), {"ratio": cfg["ratio"], "ratio_from": "prune.ratio"}
     key, value = target
-    if key == "latency_ms":
-        measure = latency_measure(model, graph, cfg["budget"]["runtime"], imgsz)
-        steps = LATENCY_STEPS
-
-        def value_at(ratio: float) -> float:
-            return measure(plan_at(ratio).removed)
-
-    else:  # exact: counted on the plan, no model is cut
-        steps = 30
-
-        def value_at(ratio: float) -> float:
-            params, macs = budget.pruned_cost(shapes, graph.inputs, plan_at(ratio).removed)
-            return params / 1e6 if key == "params_m" else 2 * macs / 1e9
-
+    work = TMP_DIR / "prune-latency"
     try:
-        found = budget.smallest_ratio_within(value_at, value, steps)
+        if key == "latency_ms":
+            work.mkdir(parents=True, exist_ok=True)
+            runtime = cfg["budget"]["runtime"]
+            measure = latency_measure(model, graph, runtime, imgsz, params["device"], work)
+            unpruned_ms = measure(set())
+            found = budget.smallest_ratio_within(
+                lambda ratio: measure(plan_at(ratio).removed), value, unpruned_ms, LATENCY_STEPS
+            )
+        else:  # exact: counted on the plan, no model is cut
+
+            def value_at(removed: set[ChannelId]) -> float:
+                params_count, macs = budget.pruned_cost(shapes, graph.inputs, removed)
+                return params_count / 1e6 if key == "params_m" else 2 * macs / 1e9
+
+            found = budget.smallest_ratio_within(
+                lambda ratio: value_at(plan_at(ratio).removed), value, value_at(set())
+            )
+    except budget.AlreadyMet as err:
+        raise cli.UserError(
+            f"params.yaml: prune.budget.{key} = {value} is already met by the unpruned model "
+            f"({err.unpruned:.4g}): there is nothing to prune for. Set a value below "
+            f"{err.unpruned:.4g}, or null to prune by prune.ratio."
+        ) from None
     except budget.Unreachable as err:
         raise cli.UserError(
             f"params.yaml: prune.budget.{key} = {value} cannot be met: pruned by "
@@ -612,16 +629,19 @@ def choose_plan(
             f"{err.smallest:.4g} at the smallest and is {err.largest:.4g} unpruned. Set a value "
             f"in [{err.smallest:.4g}, {err.largest:.4g}), or relax those params."
         ) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     how = {
-        "ratio": round(found.ratio, 6),
+        "ratio": found.ratio,
         "ratio_from": f"searched for prune.budget.{key}",
+        "budget_key": key,
         "budget_target": value,
-        "budget_achieved": round(found.achieved, 4),
+        "budget_achieved": float(f"{found.achieved:.6g}"),
     }
     if key == "latency_ms":  # measured, so recorded: ratio -> median ms
         how["latency_runtime"] = cfg["budget"]["runtime"]
         how["latency_measured_ms"] = [
-            {"ratio": round(r, 6), "ms": round(v, 3)} for r, v in sorted(found.tried)
+            {"ratio": r, "ms": round(v, 3)} for r, v in sorted([(0.0, unpruned_ms), *found.tried])
         ]
     return plan_at(found.ratio), how
 
@@ -636,7 +656,7 @@ def main() -> None:
     graph = trace(model)
     skip = () if cfg["head"] else (detect_prefix(model),)
     gammas = bn_gammas(model)
-    chosen, how = choose_plan(model, graph, gammas, cfg, imgsz, skip)
+    chosen, how = choose_plan(model, graph, gammas, params, skip)
     before_size = yolo.model_size(model, imgsz)
     before_channels = conv_channels(model, graph)
     largest_removed = largest_gamma(graph, gammas, chosen.removed)
@@ -690,13 +710,13 @@ def main() -> None:
     plot_channels(rows, REPORT_DIR / "channels.png")
 
     lines = []
-    if "budget_target" in how:
-        unit = how["ratio_from"].rsplit(".", 1)[1]
+    if "budget_key" in how:
+        where = f" on {how['latency_runtime']}" if "latency_runtime" in how else ""
         lines.append(
             (
-                f"budget {unit}",
+                f"budget {how['budget_key']}{where}",
                 f"target {how['budget_target']:g}, achieved {how['budget_achieved']:g} at the "
-                f"smallest ratio that meets it",
+                f"ratio found by bisection",
             )
         )
     lines += [
@@ -720,7 +740,12 @@ def main() -> None:
         ("largest |gamma| removed", f"{largest_removed:.4g}"),
     ]
     if capped:
-        lines.append(("kept by min_channels/round_to", f"{len(capped)} spaces, e.g. {capped[0]}"))
+        lines.append(
+            (
+                "kept by min_channels/max_layer_ratio/round_to",
+                f"{len(capped)} spaces, e.g. {capped[0]}",
+            )
+        )
     warning = not_sparse_warning(largest_removed)
     if warning:
         lines.append(("WARNING", warning))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,6 @@ from stages.prune import (
     bn_gammas,
     choose_plan,
     latency_measure,
-    make_prunable,
     plan,
     trace,
 )
@@ -44,7 +44,7 @@ def test_plan_cost_is_exactly_thops_count_after_surgery(
     graph = trace(model)
     shapes = B.conv_shapes(model, IMGSZ)
     saved = B.channel_macs(shapes, graph.inputs) if cost_aware else None
-    chosen = plan(graph, bn_gammas(model), ratio, method, 8, 8, group_macs=saved)
+    chosen = plan(graph, bn_gammas(model), ratio, method, 8, 8, macs_saved=saved)
     params, macs = B.pruned_cost(shapes, graph.inputs, chosen.removed)
     before = yolo.model_size(model, IMGSZ)
     assert B.pruned_cost(shapes, graph.inputs, set()) == (
@@ -61,15 +61,24 @@ def test_bisection_finds_the_smallest_ratio_within_the_target() -> None:
     def steps(ratio: float) -> float:  # 100 at ratio 0, down by 10 per tenth
         return 100 - 10 * math.floor(ratio * 10)
 
-    found = B.smallest_ratio_within(steps, 55)
-    assert found.achieved == 50 and found.ratio == pytest.approx(0.5, abs=1e-6)
-    # One step less pruning would miss the target: the ratio is as small as it can be.
-    assert any(v > 55 and found.ratio - r < 1e-6 for r, v in found.tried)
+    found = B.smallest_ratio_within(steps, 55, unpruned=steps(0))
+    assert (found.ratio, found.achieved) == (0.5, 50)  # on the 1e-6 grid: recorded = used
+    # One grid step less pruning misses the target: the ratio is as small as it can be.
+    assert (0.499999, 60) in found.tried
     with pytest.raises(B.Unreachable) as err:
-        B.smallest_ratio_within(steps, 5)  # even ratio ~1 leaves 10
+        B.smallest_ratio_within(steps, 5, unpruned=100)  # even ratio ~1 leaves 10
     assert (err.value.smallest, err.value.largest) == (10, 100)
-    with pytest.raises(B.Unreachable):
-        B.smallest_ratio_within(steps, 100)  # the unpruned model already meets it
+    with pytest.raises(B.AlreadyMet) as met:
+        B.smallest_ratio_within(steps, 100, unpruned=100)  # nothing to prune for
+    assert met.value.unpruned == 100
+
+    # Where the first grid step already removes something (round_to 1, odd layer sizes), a
+    # target between that and the unpruned value is met there, not refused.
+    def first_step_removes(ratio: float) -> float:
+        return 100 if ratio == 0 else 90
+
+    found = B.smallest_ratio_within(first_step_removes, 95, unpruned=100)
+    assert (found.ratio, found.achieved) == (1e-6, 90)
 
 
 def test_max_layer_ratio_caps_every_space() -> None:
@@ -83,7 +92,7 @@ def test_max_layer_ratio_caps_every_space() -> None:
     assert any(s.kept < math.ceil((s.fixed + len(s.groups)) / 2) for s in uncapped.spaces)
 
 
-def test_cost_aware_ranking_removes_the_expensive_channel_of_two_alike() -> None:
+def test_cost_aware_scores_rank_the_expensive_channel_of_two_alike_lower() -> None:
     cheap, costly = [("a", 0)], [("b", 0)]
     importance = {id(cheap): 0.5, id(costly): 0.5}
     ranked = B.cost_aware(importance, [cheap, costly], {("a", 0): 10, ("b", 0): 1000})
@@ -108,7 +117,8 @@ def test_channel_macs_by_hand() -> None:
     assert macs == 64 * 5 * 4 * 9 + 64 * 5 * 5
 
 
-def _cfg(**overrides: object) -> dict:
+def _params(imgsz: int = IMGSZ, **overrides: object) -> dict:
+    """A validated prune SCHEMA with ``overrides`` in its prune section (``budget`` merged)."""
     cfg = {
         "ratio": 0.5,
         "method": "global",
@@ -119,13 +129,33 @@ def _cfg(**overrides: object) -> dict:
         "budget": {"params_m": None, "gflops": None, "latency_ms": None, "runtime": "torch-cpu"},
     }
     budget = {**cfg["budget"], **overrides.pop("budget", {})}
-    return {**cfg, **overrides, "budget": budget}
+    return {"imgsz": imgsz, "device": "cpu", "prune": {**cfg, **overrides, "budget": budget}}
 
 
 @pytest.fixture(scope="module")
 def traced() -> tuple:
-    model = make_prunable(_model("yolov8n.yaml", seed=6))
+    model = _model("yolov8n.yaml", seed=6)
     return model, trace(model), bn_gammas(model)
+
+
+def test_a_cost_aware_plan_removes_the_most_expensive_groups_first(traced: tuple) -> None:
+    """With every |gamma| equal, cost-aware global pruning removes groups in order of the MACs
+    they save: none kept (where no cap intervened) saves more than one removed."""
+    model, graph, gammas = traced
+    equal = {name: torch.ones_like(g) for name, g in gammas.items()}
+    saved = B.channel_macs(B.conv_shapes(model, IMGSZ), graph.inputs)
+    chosen = plan(graph, equal, 0.2, "global", 1, 1, macs_saved=saved)
+
+    def cost(group: list) -> int:
+        return sum(saved[c] for c in group)
+
+    removed = [g for s in chosen.spaces for g in s.groups if g[0] in chosen.removed]
+    kept = [
+        g for s in chosen.spaces if not s.capped for g in s.groups if g[0] not in chosen.removed
+    ]
+    assert removed and kept and min(map(cost, removed)) >= max(map(cost, kept))
+    plain = plan(graph, equal, 0.2, "global", 1, 1)  # ties in |gamma|: cost decides nothing
+    assert plain.removed != chosen.removed
 
 
 @pytest.mark.parametrize(
@@ -136,49 +166,65 @@ def test_a_params_or_flops_budget_is_met_within_one_step(
     traced: tuple, key: str, target: float, importance: str
 ) -> None:
     model, graph, gammas = traced
-    cfg = _cfg(importance=importance, budget={key: target})
-    chosen, how = choose_plan(model, graph, gammas, cfg, IMGSZ, ())
-    params, macs = B.pruned_cost(B.conv_shapes(model, IMGSZ), graph.inputs, chosen.removed)
-    achieved = params / 1e6 if key == "params_m" else 2 * macs / 1e9
-    assert how["budget_achieved"] == pytest.approx(achieved, abs=1e-4) and achieved <= target
-    assert how["ratio_from"] == f"searched for prune.budget.{key}"
-    # A hair less pruning (the step below the ratio found) is over the target.
+    params = _params(importance=importance, budget={key: target})
+    chosen, how = choose_plan(model, graph, gammas, params, ())
     shapes = B.conv_shapes(model, IMGSZ)
+    count, macs = B.pruned_cost(shapes, graph.inputs, chosen.removed)
+    achieved = count / 1e6 if key == "params_m" else 2 * macs / 1e9
+    assert how["budget_achieved"] == pytest.approx(achieved, rel=1e-5) and achieved <= target
+    assert how["ratio_from"] == f"searched for prune.budget.{key}" and how["budget_key"] == key
+    # One grid step less pruning than the ratio recorded (and used) is over the target.
     per_mac = B.channel_macs(shapes, graph.inputs) if importance == "gamma_per_flop" else None
-    below = plan(graph, gammas, how["ratio"] - 1e-6, "global", 8, 8, group_macs=per_mac)
-    p, m = B.pruned_cost(shapes, graph.inputs, below.removed)
-    assert (p / 1e6 if key == "params_m" else 2 * m / 1e9) > target
+    below = plan(graph, gammas, how["ratio"] - 1e-6, "global", 8, 8, macs_saved=per_mac)
+    count, macs = B.pruned_cost(shapes, graph.inputs, below.removed)
+    assert (count / 1e6 if key == "params_m" else 2 * macs / 1e9) > target
 
 
-def test_an_unreachable_budget_names_the_reachable_range(traced: tuple) -> None:
+def test_an_unreachable_or_already_met_budget_names_the_reachable_range(traced: tuple) -> None:
     model, graph, gammas = traced
     with pytest.raises(UserError, match=r"prune\.budget\.gflops = 0\.001 cannot be met") as err:
-        choose_plan(model, graph, gammas, _cfg(budget={"gflops": 0.001}), IMGSZ, ())
+        choose_plan(model, graph, gammas, _params(budget={"gflops": 0.001}), ())
     smallest, largest = re.search(r"Set a value in \[([\d.]+), ([\d.]+)\)", str(err.value)).groups()
     assert 0.001 < float(smallest) < float(largest)
     assert float(largest) == pytest.approx(yolo.model_size(model, IMGSZ)["flops_g"], rel=1e-3)
-    with pytest.raises(UserError, match="cannot be met"):  # more than the model has
-        choose_plan(model, graph, gammas, _cfg(budget={"params_m": 100.0}), IMGSZ, ())
+    with pytest.raises(UserError, match="already met by the unpruned model") as err:
+        choose_plan(model, graph, gammas, _params(budget={"params_m": 100.0}), ())
+    assert "Set a value below 3.0" in str(err.value)  # yolov8n, 10 classes: 3.0 M fused params
     with pytest.raises(UserError, match=r"prune\.budget sets params_m and gflops"):
-        active_budget(_cfg(budget={"params_m": 1.0, "gflops": 0.2}))
+        active_budget(_params(budget={"params_m": 1.0, "gflops": 0.2})["prune"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
-def test_a_tensorrt_latency_budget_without_a_gpu_is_refused_with_the_reason(traced: tuple):
+def test_a_tensorrt_latency_budget_without_a_gpu_is_refused_with_the_reason(
+    traced: tuple,
+) -> None:
     model, graph, gammas = traced
-    cfg = _cfg(budget={"latency_ms": 5.0, "runtime": "tensorrt"})
+    params = _params(64, budget={"latency_ms": 5.0, "runtime": "tensorrt"})
+    with pytest.raises(UserError, match=r"'tensorrt' cannot be measured here: params\.yaml device"):
+        choose_plan(model, graph, gammas, params, ())
+    params["device"] = "0"
     with pytest.raises(UserError, match="'tensorrt' cannot be measured here: no CUDA device"):
-        choose_plan(model, graph, gammas, cfg, 64, ())
+        choose_plan(model, graph, gammas, params, ())
 
 
-def test_a_latency_search_on_a_tiny_model_converges(traced: tuple) -> None:
+@pytest.mark.parametrize("runtime", ["torch-cpu", "onnxruntime-cpu"])
+def test_a_latency_search_on_a_tiny_model_converges(
+    traced: tuple, runtime: str, tmp_path: Path
+) -> None:
+    """Aim at a quarter of the way from the unpruned latency to that of a 0.9 prune: the search
+    finds a ratio strictly inside, whose measured latency is within the target, and records
+    every measurement, the unpruned one first."""
     model, graph, gammas = traced
-    measure = latency_measure(model, graph, "torch-cpu", 64)
+    measure = latency_measure(model, graph, runtime, 64, "cpu", tmp_path)
     full = measure(set())
     thin = measure(plan(graph, gammas, 0.9, "global", 8, 8).removed)
-    target = (full + thin) / 2
-    cfg = _cfg(budget={"latency_ms": target, "runtime": "torch-cpu"})
-    chosen, how = choose_plan(model, graph, gammas, cfg, 64, ())
-    assert how["budget_achieved"] <= target
-    assert len(how["latency_measured_ms"]) == 2 + LATENCY_STEPS  # both ends, then bisection
+    assert thin < full
+    target = full - 0.25 * (full - thin)
+    chosen, how = choose_plan(
+        model, graph, gammas, _params(64, budget={"latency_ms": target, "runtime": runtime}), ()
+    )
+    measured = how["latency_measured_ms"]
+    assert measured[0]["ratio"] == 0.0 and len(measured) <= 2 + LATENCY_STEPS
+    assert how["budget_achieved"] <= target < measured[0]["ms"]
     assert 0 < how["ratio"] < 1 and chosen.removed
+    assert {"ratio": how["ratio"], "ms": round(how["budget_achieved"], 3)} in measured

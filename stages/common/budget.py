@@ -127,49 +127,64 @@ class Search:
 
 
 class Unreachable(ValueError):
-    """A target outside [smallest, largest] reachable value."""
+    """A target below the smallest reachable value (the most pruned model is still above it)."""
 
     def __init__(self, target: float, smallest: float, largest: float) -> None:
-        super().__init__(f"{target} is outside [{smallest}, {largest}]")
+        super().__init__(f"{target} is outside [{smallest}, {largest})")
         self.target, self.smallest, self.largest = target, smallest, largest
 
 
-LOWEST, HIGHEST = 1e-6, 1 - 1e-6  # the open interval of ratios
+class AlreadyMet(ValueError):
+    """A target the unpruned model already meets: there is nothing to prune for."""
+
+    def __init__(self, target: float, unpruned: float) -> None:
+        super().__init__(f"{target} is met unpruned ({unpruned})")
+        self.target, self.unpruned = target, unpruned
+
+
+RESOLUTION = 10**6  # ratios are searched on this grid, so that the one recorded is the one used
 
 
 def smallest_ratio_within(
-    value_at: Callable[[float], float], target: float, steps: int = 30
+    value_at: Callable[[float], float], target: float, unpruned: float, steps: int = 30
 ) -> Search:
-    """The smallest ratio in (0, 1) whose value is <= ``target``, by bisection.
+    """The smallest ratio in (0, 1), to 1e-6, whose value is <= ``target``, by bisection.
 
-    ``value_at`` must not increase with the ratio (true of params and FLOPs; roughly true of a
-    measured latency, which ``steps`` then limits). Raises :class:`Unreachable` when even the
-    largest ratio stays above the target, or when the smallest ratio is already within it (the
-    unpruned model meets the budget: nothing to prune for).
+    ``unpruned`` is the value with nothing removed. ``value_at`` must not increase with the ratio
+    (true of params and FLOPs; roughly true of a measured latency, for which ``steps`` is small:
+    the ratio found is then one within the target, not provably the smallest). Raises
+    :class:`AlreadyMet` when the unpruned model is within the target, :class:`Unreachable` when
+    even the largest ratio stays above it.
     """
     tried: list[tuple[float, float]] = []
 
-    def at(ratio: float) -> float:
-        value = value_at(ratio)
-        tried.append((ratio, value))
+    def at(micro: int) -> float:
+        value = value_at(micro / RESOLUTION)
+        tried.append((micro / RESOLUTION, value))
         return value
 
-    largest, smallest = at(LOWEST), at(HIGHEST)
-    if smallest > target or largest <= target:
-        raise Unreachable(target, smallest, largest)
-    lo, hi, achieved = LOWEST, HIGHEST, smallest  # value(lo) > target >= value(hi)
+    if unpruned <= target:
+        raise AlreadyMet(target, unpruned)
+    lo, hi = 0, RESOLUTION - 1  # value(lo) = unpruned > target; is value(hi) within it?
+    achieved = at(hi)
+    if achieved > target:
+        raise Unreachable(target, achieved, unpruned)
     for _ in range(steps):
-        mid = (lo + hi) / 2
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
         value = at(mid)
         if value <= target:
             hi, achieved = mid, value
         else:
             lo = mid
-    return Search(hi, achieved, tried)
+    return Search(hi / RESOLUTION, achieved, tried)
 
 
 def cost_aware(
-    importance: Mapping[int, float], groups: Iterable[list[ChannelId]], saved: Mapping
+    importance: Mapping[int, float],
+    groups: Iterable[list[ChannelId]],
+    saved: Mapping[ChannelId, int],
 ) -> dict[int, float]:
     """Importance per MAC saved: |gamma| / MACs of the group (by id), so that among channels
     of similar scale the expensive ones go first."""
