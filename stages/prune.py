@@ -46,7 +46,7 @@ from ultralytics.nn.tasks import DetectionModel
 
 from stages.common import budget, cli, timing, yolo
 from stages.common import params as P
-from stages.common.export import build_engine, export_onnx, tensorrt_unavailable
+from stages.common.export import build_engine, export_model_onnx, tensorrt_unavailable
 from stages.common.images import VAL_IMAGES, calibration_batch
 from stages.common.layers import C2fSplit
 from stages.common.outputs import (
@@ -552,8 +552,7 @@ def latency_measure(
         if runtime == "torch-cpu":
             run = timing.torch_runner(candidate.fuse(verbose=False), imgsz, "cpu")
         else:
-            torch.save({"model": candidate.half(), "train_args": {}}, work / "candidate.pt")
-            export_onnx(work / "candidate.pt", work / "candidate.onnx", imgsz, 1, LATENCY_OPSET)
+            export_model_onnx(candidate, work / "candidate.onnx", imgsz, 1, LATENCY_OPSET)
             if runtime == "tensorrt":
                 build_engine(work / "candidate.onnx", work / "candidate.engine", "fp16", 4.0)
                 run = timing.engine_runner(work / "candidate.engine", [1, 3, imgsz, imgsz])

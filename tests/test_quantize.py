@@ -9,13 +9,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 import yaml
 from onnx import numpy_helper
 
 from stages.common import quantize as Q
 from stages.common.cli import UserError
-from stages.common.export import export_onnx
+from stages.common.export import export_model_onnx
 from stages.common.images import calibration_batch
 from stages.common.runtime import PROJECT_ROOT
 from tests.test_prune import _pruned_model
@@ -29,9 +28,8 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A pruned random-weight yolov8n exported by the stage code, and its INT8 Q/DQ model with the
     default exclusions, calibrated on random images."""
     folder = tmp_path_factory.mktemp("int8")
-    torch.save({"model": _pruned_model(seed=1), "train_args": {}}, folder / "model.pt")
     fp32 = folder / "model.onnx"
-    export_onnx(folder / "model.pt", fp32, IMGSZ, batch=1, opset=17)
+    export_model_onnx(_pruned_model(seed=1), fp32, IMGSZ, batch=1, opset=17)
     images = np.random.default_rng(0).random((4, 3, IMGSZ, IMGSZ), dtype=np.float32)
     Q.quantize_int8(fp32, folder / "model.int8.onnx", images, EXCLUDE, "minmax")
     return fp32, folder / "model.int8.onnx"

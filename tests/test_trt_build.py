@@ -15,7 +15,7 @@ from ultralytics.nn.tasks import DetectionModel
 from stages.common import params as P
 from stages.common import quantize
 from stages.common.cli import UserError
-from stages.common.export import export_onnx
+from stages.common.export import export_model_onnx, export_onnx
 from stages.common.images import calibration_batch
 from stages.trt_build import (
     SCHEMA,
@@ -111,9 +111,8 @@ def test_an_int8_model_that_disagrees_with_fp32_is_not_deployed(
     model = _pruned_model(seed=3)
     for branch in model.model[-1].cv3:  # class logits around 0: scores spread over (0, 1)
         torch.nn.init.zeros_(branch[-1].bias)
-    torch.save({"model": model, "train_args": {}}, tmp_path / "model.pt")
     onnx = tmp_path / "model.onnx"
-    export_onnx(tmp_path / "model.pt", onnx, IMGSZ, batch=1, opset=17)
+    export_model_onnx(model, onnx, IMGSZ, batch=1, opset=17)
     monkeypatch.setattr(stage, "TRAIN_IMAGES", visdrone_sample / "images")
     monkeypatch.setattr(stage, "VAL_IMAGES", visdrone_sample / "images")
     cfg = {

@@ -12,18 +12,38 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from torch import nn
 
 from stages.common import yolo
 from stages.common.runtime import TMP_DIR
 
 
-def export_onnx(model_path: Path, out: Path, imgsz: int, batch: int, opset: int) -> float:
-    """Export to ONNX at ``out``; returns the max |ONNX - PyTorch| raw output on random input."""
+def _work_checkpoint() -> Path:
+    """Where a checkpoint is exported from: an emptied folder (ultralytics writes beside it)."""
     work = TMP_DIR / "export"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    shutil.copyfile(model_path, work / "model.pt")  # ultralytics writes beside the checkpoint
-    detector = yolo.load_detector(work / "model.pt")
+    return work / "model.pt"
+
+
+def export_onnx(model_path: Path, out: Path, imgsz: int, batch: int, opset: int) -> float:
+    """Export the checkpoint ``model_path`` to ONNX at ``out``; returns the max |ONNX - PyTorch|
+    raw output on random input."""
+    checkpoint = _work_checkpoint()
+    shutil.copyfile(model_path, checkpoint)
+    return _export(checkpoint, out, imgsz, batch, opset)
+
+
+def export_model_onnx(model: nn.Module, out: Path, imgsz: int, batch: int, opset: int) -> float:
+    """:func:`export_onnx` for a detection model that has no checkpoint of its own (a pruning
+    candidate, a freshly built config)."""
+    checkpoint = _work_checkpoint()
+    torch.save({"model": model, "train_args": {}}, checkpoint)
+    return _export(checkpoint, out, imgsz, batch, opset)
+
+
+def _export(checkpoint: Path, out: Path, imgsz: int, batch: int, opset: int) -> float:
+    detector = yolo.load_detector(checkpoint)
     onnx_file = detector.export(
         format="onnx",
         imgsz=imgsz,

@@ -22,17 +22,15 @@ from __future__ import annotations
 import shutil
 import statistics
 from collections.abc import Sequence
-from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from stages.common import cli, quantize, yolo
 from stages.common import params as P
 from stages.common.environment import cpu_description
-from stages.common.export import export_onnx
+from stages.common.export import export_model_onnx
 from stages.common.outputs import atomic_path, print_summary, save_figure, write_csv, written
 from stages.common.runtime import PROJECT_ROOT, TMP_DIR, cpu_threads
 from stages.common.timing import latency_ms, onnx_runner, torch_runner
@@ -76,11 +74,8 @@ def benchmark_model(
     calibration = np.random.default_rng(0).random((4, 3, imgsz, imgsz), dtype=np.float32)
     runners: dict[str, dict] = {"pytorch": {}, "onnxruntime": {}}
     for ratio, model in tqdm(variants, desc=f"{cfg}: export + quantize"):
-        checkpoint, fp32, qdq = (
-            work / f"{ratio}{suffix}" for suffix in (".pt", ".onnx", ".q.onnx")
-        )
-        torch.save({"model": deepcopy(model).half(), "train_args": {}}, checkpoint)
-        export_onnx(checkpoint, fp32, imgsz, 1, int8["opset"])
+        fp32, qdq = (work / f"{ratio}{suffix}" for suffix in (".onnx", ".q.onnx"))
+        export_model_onnx(model, fp32, imgsz, 1, int8["opset"])
         quantize.quantize_int8(fp32, qdq, calibration, int8["int8_exclude"], "minmax")
         runners["pytorch"][("pytorch", ratio)] = torch_runner(
             model.float().fuse(verbose=False), imgsz, "cpu"
