@@ -211,17 +211,22 @@ def test_a_tensorrt_latency_budget_without_a_gpu_is_refused_with_the_reason(
 def test_a_latency_search_on_a_tiny_model_converges(
     traced: tuple, runtime: str, tmp_path: Path
 ) -> None:
-    """Aim at a quarter of the way from the unpruned latency to that of a 0.9 prune: the search
-    finds a ratio strictly inside, whose measured latency is within the target, and records
-    every measurement, the unpruned one first."""
+    """Aim halfway between the unpruned latency and that of a 0.9 prune: the search finds a ratio
+    strictly inside, whose measured latency is within the target, and records every
+    measurement, the unpruned one first.
+
+    At 128 px a pass takes milliseconds, so the gap (3-4x) dwarfs the run-to-run noise; at 64 px
+    a CI machine's noise (up to 40% on ONNX Runtime) could make the unpruned model meet the
+    target. The first measurement is a warm-up: a cold runtime is slower than it will be."""
     model, graph, gammas = traced
-    measure = latency_measure(model, graph, runtime, 64, "cpu", tmp_path)
+    measure = latency_measure(model, graph, runtime, IMGSZ, "cpu", tmp_path)
+    measure(set())
     full = measure(set())
     thin = measure(plan(graph, gammas, 0.9, "global", 8, 8).removed)
-    assert thin < full
-    target = full - 0.25 * (full - thin)
+    assert thin < full / 1.5
+    target = (full + thin) / 2
     chosen, how = choose_plan(
-        model, graph, gammas, _params(64, budget={"latency_ms": target, "runtime": runtime}), ()
+        model, graph, gammas, _params(IMGSZ, budget={"latency_ms": target, "runtime": runtime}), ()
     )
     measured = how["latency_measured_ms"]
     assert measured[0]["ratio"] == 0.0 and len(measured) <= 2 + LATENCY_STEPS
