@@ -6,8 +6,10 @@ a distribution over its H*W positions by softmax(x / tau); the loss is KL(teache
 summed over positions, times tau^2, averaged over N*C, and weighted per level. The total training
 loss is the detection loss plus ``weight`` * sum_l level_weight_l * CWD_l.
 
-The distilled maps are the inputs of the Detect head (the neck outputs at strides 8, 16, 32);
-level weights favour strides 8 and 16, where VisDrone's small and medium objects are. The teacher
+The distilled maps are the inputs of the Detect head (the neck outputs, one per level: strides
+8, 16, 32 for most models, 4 to 32 with a P2 head, 8 to 64 with P6); ``level_weights`` gives one
+weight per level (the default favours strides 8 and 16, where VisDrone's small and medium objects
+are), as a list in stride order or a mapping stride -> weight. The teacher
 (baseline or sparse model) runs in eval mode without gradients; the aligners train with the student
 (they are in the optimizer) and are not saved: the saved model is the pruned student alone, with
 exactly its pruned size. ``weight: 0`` is plain fine-tuning with the same budget (the ablation).
@@ -50,7 +52,7 @@ SCHEMA = {
             "teacher": P.Choice(*TEACHERS),
             "temperature": P.Float(0, 100, open_lo=True),
             "weight": P.Float(0, 1000),
-            "level_weights": P.FloatList(3),
+            "level_weights": P.PerLevel(),
             "aligner_fit_images": P.Int(0, 10_000),
         }
     ),
@@ -111,7 +113,26 @@ def fit_aligner(aligner: nn.Sequential, student: torch.Tensor, teacher: torch.Te
 def feature_maps(preds: Any) -> list[torch.Tensor]:
     """The maps the Detect head received, from its output (ultralytics keeps them as "feats")."""
     raw = preds[1] if isinstance(preds, tuple) else preds  # eval mode: (decoded, raw)
+    raw = raw.get("one2many", raw)  # end-to-end heads (YOLO26, v10) nest their two branches
     return list(raw["feats"])
+
+
+def weights_per_level(given: list[float] | dict[int, float], strides: list[int]) -> list[float]:
+    """distill.level_weights as one weight per Detect level of a model with these strides."""
+    if isinstance(given, dict):
+        if sorted(given) != strides:
+            raise P.ParamsError(
+                f"params.yaml: distill.level_weights gives strides {sorted(given)}, but the "
+                f"student's Detect levels have strides {strides}: give a weight for each of them."
+            )
+        return [given[s] for s in strides]
+    if len(given) != len(strides):
+        raise P.ParamsError(
+            f"params.yaml: distill.level_weights has {len(given)} values, but the student has "
+            f"{len(strides)} Detect levels (strides {strides}): give one weight per level in "
+            f"stride order, or a mapping stride -> weight."
+        )
+    return given
 
 
 def head_features(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
@@ -205,12 +226,20 @@ class DistillTrainer(yolo.ModelKeepingTrainer):
         unwrap_model(self.model).criterion = self._criterion(unwrap_model(self.model))
 
     def validate(self) -> tuple[dict[str, Any], Any]:
-        """Validation computes the same loss items, cwd_loss included, on the EMA model."""
+        """Validation computes the same loss items, cwd_loss included, on the EMA model, with the
+        aligners in eval mode as the model is: their BatchNorms use (and keep) their running
+        statistics instead of learning from val batches.
+
+        On a GPU with AMP, ultralytics runs this on fp16 images under autocast; the teacher and
+        the aligners run in that context too (tests/test_distill.py checks the path on the CPU
+        with bfloat16 autocast and half images)."""
         ema = self.ema.ema
         ema.criterion = self._criterion(ema)
+        self.aligners.eval()
         try:
             return super().validate()
         finally:
+            self.aligners.train()
             ema.criterion = None  # never saved with the model
 
 
@@ -221,15 +250,17 @@ def check_levels(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> No
     ):
         raise cli.UserError(
             f"teacher feature maps {[tuple(t.shape[1:]) for t in teacher]} do not match the "
-            f"student's {[tuple(s.shape[1:]) for s in student]}: the teacher must be a YOLOv8 "
+            f"student's {[tuple(s.shape[1:]) for s in student]}: the teacher must be a "
             f"detector with the same detection levels (strides) as the student."
         )
 
 
 def distill_trainer(cfg: dict, student: YOLO, teacher: YOLO, imgsz: int) -> type[DistillTrainer]:
     """The trainer for a validated ``distill`` section: the teacher, and the aligners fitted on
-    ``aligner_fit_images`` training images. Mismatched detection levels fail here, before any
-    training."""
+    ``aligner_fit_images`` training images. Mismatched detection levels, and level weights that
+    do not fit them, fail here, before any training."""
+    strides = [int(s) for s in student.model.stride]
+    level_weights = weights_per_level(cfg["level_weights"], strides)
     fit_count = cfg["aligner_fit_images"]
     images = (  # without fitting, a blank image tells the channel counts
         calibration_batch(TRAIN_IMAGES, fit_count, imgsz)
@@ -250,7 +281,7 @@ def distill_trainer(cfg: dict, student: YOLO, teacher: YOLO, imgsz: int) -> type
         aligners=aligners,
         tau=cfg["temperature"],
         weight=cfg["weight"],
-        level_weights=cfg["level_weights"],
+        level_weights=level_weights,
     )
 
 

@@ -5,7 +5,10 @@ loss, so channels the detector does not need drift to zero and can be pruned wit
 Its gradient, s * sign(gamma), is added to each gamma's gradient right before the optimizer step,
 **after** the AMP gradient scaler has unscaled the gradients: the penalty is then the same with
 and without mixed precision (added to still-scaled gradients it would shrink by the loss scale,
-a known way for sparse training to do nothing).
+a known way for sparse training to do nothing). It is also added after ultralytics' gradient
+clipping (norm 10), which is there to tame the detection loss's spikes: clipped together, the
+penalty would shrink whenever the detection gradient is large, so its strength would follow the
+batch rather than the schedule.
 
 The coefficient s follows ``sparse_train.schedule``:
 
@@ -161,12 +164,13 @@ class SparseTrainer(yolo.ModelKeepingTrainer):
         self.batchnorms = penalized_batchnorms(unwrap_model(self.model), self.exclude)
 
     def optimizer_step(self) -> None:
-        """ultralytics' step (unscale, clip, step, EMA) with the penalty after unscaling."""
+        """ultralytics' step (unscale, clip, step, EMA) with the penalty after unscaling and
+        clipping."""
         self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
         add_l1_subgradient(
             self.batchnorms, self.schedule.coefficient(self.epoch), self.beta_coefficient
         )
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()

@@ -39,7 +39,7 @@ import torch
 
 from stages.common import cli, quantize, yolo
 from stages.common import params as P
-from stages.common.export import build_engine, export_onnx, tensorrt_unavailable
+from stages.common.export import TRT_BUILD, build_engine, export_onnx, tensorrt_unavailable
 from stages.common.images import TRAIN_IMAGES, VAL_IMAGES, calibration_batch
 from stages.common.outputs import atomic_path, print_summary, write_json, written
 from stages.common.runtime import PROJECT_ROOT
@@ -51,18 +51,7 @@ RECORD_OUT = PROJECT_ROOT / "reports" / "trt_build" / "deploy.json"
 
 SCHEMA = {
     **{k: P.COMMON[k] for k in ("imgsz", "device")},
-    "trt_build": P.Section(
-        {
-            "batch": P.Int(1, 256),
-            "opset": P.Int(9, 100),
-            "precision": P.Choice("fp32", "fp16", "int8"),
-            "workspace_gb": P.Float(0, 1024, open_lo=True),
-            "calibration_images": P.Int(0, 100_000),
-            "int8_calibration": P.Choice("minmax", "percentile", "entropy"),
-            "int8_exclude": P.Regexes(),
-            "int8_min_agreement": P.Float(0, 1),
-        }
-    ),
+    "trt_build": TRT_BUILD,
 }
 
 

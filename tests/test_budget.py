@@ -13,16 +13,8 @@ import torch
 from stages.common import budget as B
 from stages.common import yolo
 from stages.common.cli import UserError
-from stages.prune import (
-    LATENCY_STEPS,
-    active_budget,
-    apply,
-    bn_gammas,
-    choose_plan,
-    latency_measure,
-    plan,
-    trace,
-)
+from stages.common.pruning import apply, bn_gammas, plan, trace
+from stages.prune import LATENCY_STEPS, active_budget, choose_plan, latency_measure
 from tests.test_prune import _model
 
 IMGSZ = 128

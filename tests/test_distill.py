@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from copy import deepcopy
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
 from stages.common.cli import UserError
+from stages.common.params import ParamsError
 from stages.common.yolo import configured_trainer
 from stages.distill import (
     SCHEMA,
@@ -21,6 +24,7 @@ from stages.distill import (
     fit_aligner,
     head_features,
     make_aligners,
+    weights_per_level,
 )
 from tests.test_params import expect_param_error
 from tests.test_prune import _pruned_model
@@ -199,10 +203,150 @@ def test_a_teacher_with_other_levels_is_refused_before_training() -> None:
         ("temperature", -1, "distill.temperature = -1 is invalid"),
         ("weight", -0.5, "distill.weight = -0.5 is invalid"),
         ("level_weights", [1.0, -1.0, 1.0], "distill.level_weights = [1.0, -1.0, 1.0] is invalid"),
-        ("level_weights", [1.0, 1.0], "expected a list of 3 numbers >= 0"),
+        ("level_weights", [], "expected a non-empty list of numbers >= 0, or a mapping"),
+        ("level_weights", {8: 1.0, "p4": 1.0}, "distill.level_weights = {8: 1.0, 'p4': 1.0}"),
         ("teacher", "pruned", "distill.teacher = 'pruned' is invalid"),
         ("aligner_fit_images", -1, "distill.aligner_fit_images = -1 is invalid"),
     ],
 )
 def test_bad_params_name_the_key(key: str, value: object, message: str) -> None:
     expect_param_error(SCHEMA, "distill", key, value, message)
+
+
+def test_level_weights_fit_any_number_of_levels_or_name_the_mismatch() -> None:
+    """A list is one weight per level in stride order; a mapping names the strides; anything
+    that does not fit the student's levels is a params error naming them."""
+    assert weights_per_level([1.0, 0.5, 0.25, 0.1], [4, 8, 16, 32]) == [1.0, 0.5, 0.25, 0.1]
+    assert weights_per_level({32: 0.5, 8: 1.0, 16: 0.8}, [8, 16, 32]) == [1.0, 0.8, 0.5]
+    with pytest.raises(ParamsError, match=r"has 3 values, but the student has 4 Detect levels"):
+        weights_per_level([1.0, 1.0, 0.5], [4, 8, 16, 32])
+    with pytest.raises(ParamsError, match=r"gives strides \[8, 16\], but .* strides \[8, 16, 32\]"):
+        weights_per_level({8: 1.0, 16: 1.0}, [8, 16, 32])
+
+
+def _batch(x: torch.Tensor) -> dict:
+    return {
+        "img": x,
+        "cls": torch.tensor([[1.0], [3.0]]),
+        "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.2]]),
+        "batch_idx": torch.tensor([0.0, 1.0]),
+    }
+
+
+@pytest.mark.parametrize("images", ["float", "half"])
+def test_the_criterion_runs_under_autocast_as_on_a_gpu(images: str) -> None:
+    """On a GPU with AMP, ultralytics calls the criterion inside autocast, in training (fp32
+    images) and in validation (fp16 images): the teacher and the aligners then run in reduced
+    precision too. CPU autocast in bfloat16 takes the same path: the loss stays finite, close
+    to the fp32 one, and its gradients reach the student and the aligners."""
+    teacher, student = _detector(0).eval(), _pruned_model(seed=1)
+    student.args = get_cfg(overrides={})
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        s_maps, t_maps = head_features(student, x), head_features(teacher, x)
+    # Random aligners: a CWD term of about 1 (fitted ones would make it ~1e-5, nothing to compare)
+    aligners = make_aligners([m.shape[1] for m in s_maps], [m.shape[1] for m in t_maps])
+    criterion = CWDCriterion(student.init_criterion(), teacher, aligners, 1.0, 1.0, [1.0, 1.0, 0.5])
+    student.train()
+    _, fp32 = criterion(student(x), _batch(x))
+    inputs = x.half() if images == "half" else x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, items = criterion(student(inputs), _batch(inputs))
+    assert torch.isfinite(loss).all() and loss.dtype == torch.float32
+    assert fp32["cwd_loss"] > 0.5
+    for key in ("box_loss", "cls_loss", "dfl_loss", "cwd_loss"):
+        torch.testing.assert_close(items[key].float(), fp32[key].float(), rtol=0.05, atol=1e-3)
+    loss.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in aligners.parameters())
+    assert student.model[0].conv.weight.grad.abs().sum() > 0
+
+
+def _tiny_dataset(root: Path) -> Path:
+    """Four train and two val images (random noise, two boxes each) in YOLO format."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(count):
+            image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            cv2.imwrite(str(root / "images" / split / f"{i}.png"), image)
+            (root / "labels" / split / f"{i}.txt").write_text(
+                "1 0.5 0.5 0.3 0.3\n3 0.25 0.25 0.2 0.1\n"
+            )
+    names = "\n".join(f"  {i}: c{i}" for i in range(10))
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
+    return data
+
+
+def test_validation_runs_under_autocast_with_half_images_and_aligners_in_eval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer's validation as ultralytics runs it on a GPU with AMP (fp16 images, autocast
+    around the model and the criterion), emulated on the CPU with bfloat16 autocast, in a real
+    one-epoch run: metrics and val/cwd_loss come back finite, the aligners run in eval mode there
+    and their running statistics do not move; afterwards they train again."""
+    from ultralytics.engine import validator
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    monkeypatch.setattr(
+        validator, "autocast", lambda enabled, device: torch.autocast("cpu", dtype=torch.bfloat16)
+    )
+    preprocess = DetectionValidator.preprocess
+
+    def half_images(self: DetectionValidator, batch: dict) -> dict:
+        batch = preprocess(self, batch)
+        batch["img"] = batch["img"].half()
+        return batch
+
+    monkeypatch.setattr(DetectionValidator, "preprocess", half_images)
+
+    teacher, student = _detector(0).eval(), _pruned_model(seed=1)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        channels = [[m.shape[1] for m in head_features(model, x)] for model in (student, teacher)]
+    aligners = make_aligners(*channels)
+    trainer_class = configured_trainer(
+        DistillTrainer, teacher=teacher, aligners=aligners, level_weights=[1.0, 1.0, 0.5]
+    )
+    args = {
+        "model": "yolov8n.yaml",  # names the run; get_model keeps the pruned student
+        "data": str(_tiny_dataset(tmp_path / "data")),
+        "epochs": 1,
+        "imgsz": 64,
+        "batch": 2,
+        "workers": 0,
+        "device": "cpu",
+        "project": str(tmp_path / "runs"),
+        "name": "val",
+        "plots": False,
+        "mode": "train",
+        "task": "detect",
+    }
+    validations = []
+    validate = DistillTrainer.validate
+
+    def watched(self: DistillTrainer) -> tuple:
+        before = [a[1].running_mean.clone() for a in self.aligners]
+        metrics, fitness = validate(self)
+        after = [a[1].running_mean.clone() for a in self.aligners]
+        validations.append((before, after, [a.training for a in self.aligners], metrics))
+        return metrics, fitness
+
+    monkeypatch.setattr(DistillTrainer, "validate", watched)
+    modes = []  # (under autocast, aligner in train mode) of every call
+    aligners[0].register_forward_pre_hook(
+        lambda m, _a: modes.append((torch.is_autocast_enabled("cpu"), m.training))
+    )
+    trainer = trainer_class(overrides=args)
+    student.nc = 10  # as a trained checkpoint's model has it
+    trainer.model = trainer.get_model(weights=student, cfg=student.yaml)
+    trainer.train()  # one epoch: training in fp32 (no AMP on the CPU), then the validation
+
+    assert (False, True) in modes  # training: aligners train
+    assert (True, False) in modes and (True, True) not in modes  # validation: eval mode
+    (before, after, training_after, metrics), *_ = validations
+    assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    assert all(training_after)  # back to training for the next epoch
+    assert metrics["val/cwd_loss"] >= 0  # small: the eval-mode aligners barely trained
+    assert all(np.isfinite(v) for v in metrics.values())

@@ -151,12 +151,19 @@ def test_device_accepts_cpu_and_indices() -> None:
         assert P.DEVICE.check("device", value) == expected
 
 
-def test_unknown_model_and_missing_weights() -> None:
+def test_any_ultralytics_detector_config_is_a_model_and_the_rest_is_refused() -> None:
     from stages.common.yolo import check_model_source
 
-    assert check_model_source("baseline.model", "yolov8m.yaml") == "yolov8m.yaml"
-    with pytest.raises(P.ParamsError, match="not a known model"):
+    for cfg in ("yolov8m.yaml", "yolov8n-p2.yaml", "yolo11n.yaml", "yolo26n.yaml"):
+        assert check_model_source("baseline.model", cfg) == cfg
+    with pytest.raises(P.ParamsError, match=r"'yolov9z\.yaml' does not build a model"):
         check_model_source("baseline.model", "yolov9z.yaml")
+    with pytest.raises(P.ParamsError, match="has a Segment head for segment, not detection"):
+        check_model_source("baseline.model", "yolov8n-seg.yaml")
+    with pytest.raises(P.ParamsError, match="ending in RTDETRDecoder, not a YOLO detection"):
+        check_model_source("baseline.model", "rtdetr-l.yaml")
+    with pytest.raises(P.ParamsError, match="is not a model: expected an ultralytics detection"):
+        check_model_source("baseline.model", "yolov8n")
     with pytest.raises(P.ParamsError, match="no such file"):
         check_model_source("baseline.model", "weights/missing.pt")
 

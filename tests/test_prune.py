@@ -12,22 +12,23 @@ import thop
 import torch
 from torch import nn
 from ultralytics import YOLO
+from ultralytics.nn.modules import C2f
 from ultralytics.nn.tasks import DetectionModel
 
 from stages.common import yolo
 from stages.common.cli import UserError
-from stages.common.layers import C2fSplit
-from stages.prune import (
-    SCHEMA,
+from stages.common.pruning import (
+    InconsistentModule,
+    UnprunableError,
+    _prediction_tensors,
     apply,
     bn_gammas,
     detect_prefix,
     largest_gamma,
-    make_prunable,
-    not_sparse_warning,
     plan,
     trace,
 )
+from stages.prune import SCHEMA, not_sparse_warning
 from tests.test_params import expect_param_error
 
 
@@ -42,7 +43,7 @@ def _model(cfg: str = "yolov8n.yaml", seed: int = 0) -> DetectionModel:
                 m.bias.uniform_(-0.5, 0.5)
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    return make_prunable(model.eval())
+    return model.eval()
 
 
 def _pruned_model(cfg: str = "yolov8n.yaml", seed: int = 0) -> DetectionModel:
@@ -86,12 +87,13 @@ def _zero_random_groups(
 def test_trace_finds_yolov8_structure() -> None:
     model = _model()
     graph = trace(model)
-    c2f = [m for m in model.modules() if isinstance(m, C2fSplit)]
-    assert len(graph.splits) == len(c2f) == 8
+    c2f = {name for name, m in model.named_modules() if type(m) is C2f}
+    assert [s.module for s in graph.splits] == sorted(c2f, key=lambda n: int(n.split(".")[1]))
+    assert all(s.index == 0 and len(s.segments) == 2 for s in graph.splits)
     # Residual ties: each C2f with shortcut ties cv1's second half to every bottleneck output.
     expected = {}
     for name, m in model.named_modules():
-        if isinstance(m, C2fSplit) and m.m[0].add:
+        if type(m) is C2f and m.m[0].add:
             expected[name] = (m.c, len(m.m) + 1)
     tied = [g for g in graph.groups().values() if len(g) > 1]
     assert len(tied) == sum(c for c, _ in expected.values())
@@ -104,20 +106,107 @@ def test_trace_finds_yolov8_structure() -> None:
     assert len(graph.blocked) == sum(graph.convs[n].out_channels for n in no_bn)
 
 
-@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolov8s.yaml"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        "yolov8n.yaml",
+        "yolov8s.yaml",
+        "yolov8n-p2.yaml",  # stride-4 level
+        "yolov8n-p6.yaml",  # stride-64 level
+        "yolov8n-ghost.yaml",  # depthwise convs
+        "yolo11n.yaml",  # C3k2, C2PSA attention
+        "yolo26n.yaml",  # one-to-one head on detached features
+        "yolov10n.yaml",  # PSA, SCDown, v10Detect
+    ],
+)
 def test_pruning_zero_gamma_channels_leaves_the_output_unchanged(cfg: str) -> None:
-    """The invariant: channels with gamma = beta = 0 emit exactly 0, so removing them is exact."""
+    """The invariant: channels with gamma = beta = 0 emit exactly 0, so removing them is exact.
+
+    As a user would: plan a global prune at 0.5 on random scales, zero gamma and beta of the
+    channels it removes, apply, and compare every prediction tensor."""
     model = _model(cfg)
     graph = trace(model)
-    removed = _zero_random_groups(model, graph, 0.4, seed=1, zero_beta=True)
-    x = torch.rand(2, 3, 96, 128)
-    before = _predictions(model, x)
+    removed = plan(graph, bn_gammas(model), 0.5, "global", 8, 8).removed
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for conv, i in removed:
+            modules[graph.bn_after[conv]].weight[i] = 0.0
+            modules[graph.bn_after[conv]].bias[i] = 0.0
+    x = torch.rand(2, 3, 128, 192)  # P6's stride 64 divides both sides
+    with torch.no_grad():
+        before = _prediction_tensors(model(x))
     params_before = sum(p.numel() for p in model.parameters())
     apply(model, graph, removed, torch.rand(2, 3, 64, 64))
     assert sum(p.numel() for p in model.parameters()) < 0.75 * params_before
-    after = _predictions(model, x)
-    for key, ref in before.items():
-        torch.testing.assert_close(after[key], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    with torch.no_grad():
+        after = _prediction_tensors(model.eval()(x))
+    assert len(after) == len(before) > 0
+    for got, ref in zip(after, before, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+class _ReadsItsWidth(nn.Module):
+    """Attention-like: reshapes a product to the width of its input, read from ``x.shape``
+    (which autograd does not see), and adds it back to the input."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.qkv = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        v = self.qkv(x).flatten(2)
+        return x + (v @ (v.transpose(1, 2) @ v).softmax(-1)).view(b, c, h, w)
+
+
+def _width_reader_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.SiLU(),
+        _ReadsItsWidth(16),
+        nn.Conv2d(16, 16, 1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.SiLU(),
+        nn.Conv2d(16, 4, 1),
+    ).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    return net
+
+
+def test_channels_entering_a_module_that_reads_their_width_are_kept() -> None:
+    """The trace's probe cuts a copy, sees _ReadsItsWidth fail and keeps its input's channels;
+    the other spaces stay prunable and the real cut runs."""
+    net = _width_reader_net()
+    graph = trace(net, imgsz=16)
+    assert {("0", i) for i in range(16)} <= graph.blocked
+    assert not {("4", i) for i in range(16)} & graph.blocked
+    chosen = plan(graph, bn_gammas(net), 0.5, "global", 1, 1)
+    assert chosen.removed and all(conv == "4" for conv, _ in chosen.removed)
+    apply(net, graph, chosen.removed, torch.rand(2, 3, 16, 16))
+    assert net[7].in_channels == 16 - len(chosen.removed)
+
+
+def test_a_dependency_the_trace_missed_is_refused_naming_the_module() -> None:
+    """Were the trace to miss a dependency, the surgery's own check refuses the cut model,
+    naming the module, instead of returning it."""
+    net = _width_reader_net()
+    graph = trace(net, imgsz=16)
+    graph.blocked -= {("0", i) for i in range(16)}  # forget what the probe found
+    chosen = plan(graph, bn_gammas(net), 0.5, "global", 1, 1)
+    with pytest.raises(InconsistentModule, match=r"pruning left 3 \(_ReadsItsWidth\) inconsistent"):
+        apply(net, graph, chosen.removed, torch.rand(2, 3, 16, 16))
+
+
+def test_a_model_with_nothing_prunable_is_refused() -> None:
+    """No BatchNorm: no channel has a scale to be ranked by."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SiLU(), nn.Conv2d(8, 4, 1)).eval()
+    with pytest.raises(UnprunableError, match="no channel of this model can be pruned"):
+        plan(trace(net, imgsz=16), bn_gammas(net), 0.5, "global", 1, 1)
 
 
 def test_removed_constants_are_folded_into_1x1_consumers_exactly() -> None:
@@ -192,13 +281,12 @@ def test_uniform_prunes_each_space_by_the_ratio() -> None:
 @pytest.mark.parametrize("method", ["uniform", "global"])
 def test_equal_gammas_never_empty_a_split_half(method: str) -> None:
     """A fresh model has every gamma = 1: ties in the ranking must not starve a C2f branch."""
-    model = make_prunable(DetectionModel("yolov8n.yaml", nc=10, verbose=False).eval())
+    model = DetectionModel("yolov8n.yaml", nc=10, verbose=False).eval()
     graph = trace(model)
     result = plan(graph, bn_gammas(model), 0.7, method, min_channels=8, round_to=8)
     apply(model, graph, result.removed, torch.rand(1, 3, 64, 64))
-    for module in model.modules():
-        if isinstance(module, C2fSplit):
-            assert min(module.split_sizes) >= 8
+    resized = [m.pruned_splits[0] for m in model.modules() if hasattr(m, "pruned_splits")]
+    assert resized and all(min(sizes) >= 8 for sizes in resized)
     assert all(m.in_channels > 0 for m in model.modules() if isinstance(m, nn.Conv2d))
     _predictions(model, torch.rand(1, 3, 64, 64))
 
@@ -310,7 +398,9 @@ def test_a_checkpoint_that_is_not_a_detector_is_refused(tmp_path: Path) -> None:
     cls = YOLO("yolov8n-cls.yaml")
     path = tmp_path / "cls.pt"
     torch.save({"model": cls.model, "train_args": {}}, path)
-    with pytest.raises(UserError, match="not a YOLOv8 detection model"):
+    with pytest.raises(
+        UserError, match=r"is a classify model \(ClassificationModel\), not a YOLO detection model"
+    ):
         yolo.load_detector(path)
     junk = tmp_path / "junk.pt"
     torch.save({"weights": torch.zeros(3)}, junk)

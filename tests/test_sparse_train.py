@@ -61,8 +61,11 @@ def test_exclude_skips_layers_by_name_prefix() -> None:
     assert penalized_batchnorms(net, exclude=[]) == [net[1], net[4]]
 
 
-def _one_trainer_step(net: nn.Module, scale: float | None, coefficient: float) -> nn.Module:
-    """Run SparseTrainer.optimizer_step (the real method) on a small net with SGD(lr=1)."""
+def _one_trainer_step(
+    net: nn.Module, scale: float | None, coefficient: float, loss_scale: float = 1e-3
+) -> nn.Module:
+    """Run SparseTrainer.optimizer_step (the real method) on a small net with SGD(lr=1); the
+    default ``loss_scale`` keeps gradient clipping inactive."""
     net = copy.deepcopy(net)
     trainer = SparseTrainer.__new__(SparseTrainer)  # no dataset: only the step is exercised
     trainer.model = net
@@ -73,18 +76,24 @@ def _one_trainer_step(net: nn.Module, scale: float | None, coefficient: float) -
     trainer.batchnorms = penalized_batchnorms(net)
     trainer.beta_coefficient = 0.0
     trainer.schedule = PenaltySchedule("constant", coefficient, epochs=1)
-    loss = net(torch.ones(1, 3, 4, 4)).mean() * 1e-3  # small: gradient clipping stays inactive
+    loss = net(torch.ones(1, 3, 4, 4)).mean() * loss_scale
     trainer.scaler.scale(loss).backward()
     trainer.optimizer_step()
     return net
 
 
-@pytest.mark.parametrize("scale", [None, 2.0**20])
-def test_penalty_is_applied_to_unscaled_gradients(scale: float | None) -> None:
-    """With SGD(lr=1) a gamma moves by -(loss gradient + c*sign(gamma)) whatever the AMP scale."""
+@pytest.mark.parametrize(
+    ("scale", "loss_scale"),
+    [(None, 1e-3), (2.0**20, 1e-3), (None, 1e4), (2.0**10, 1e4)],  # 1e4: the gradient is clipped
+)
+def test_penalty_is_applied_to_unscaled_clipped_gradients(
+    scale: float | None, loss_scale: float
+) -> None:
+    """With SGD(lr=1) a gamma moves by -(clipped loss gradient + c*sign(gamma)) whatever the AMP
+    scale, and whether or not clipping shrank the loss gradient."""
     net, c = _net(), 0.25
-    no_penalty = _one_trainer_step(net, scale, 0.0)
-    penalised = _one_trainer_step(net, scale, c)
+    no_penalty = _one_trainer_step(net, scale, 0.0, loss_scale)
+    penalised = _one_trainer_step(net, scale, c, loss_scale)
     for bn_ref, bn_pen, bn0 in zip(
         penalized_batchnorms(no_penalty),
         penalized_batchnorms(penalised),

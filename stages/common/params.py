@@ -171,20 +171,27 @@ class Regexes:
 
 
 @dataclass(frozen=True)
-class FloatList:
-    """A list of ``length`` numbers, each >= 0."""
-
-    length: int
+class PerLevel:
+    """Numbers >= 0, one per detection level: a list in stride order, or a mapping stride ->
+    number. How many levels there are is the model's to say (see the stage that reads it)."""
 
     def describe(self) -> str:
-        return f"a list of {self.length} numbers >= 0"
+        return "a non-empty list of numbers >= 0, or a mapping stride -> number >= 0"
 
-    def check(self, key: str, value: Any) -> list[float]:
-        ok = isinstance(value, list) and len(value) == self.length
-        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-        if not ok or any(v < 0 for v in value):
-            raise _fail(key, value, self.describe())
-        return [float(v) for v in value]
+    def check(self, key: str, value: Any) -> list[float] | dict[int, float]:
+        def number(v: Any) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and v >= 0
+
+        if isinstance(value, list) and value and all(number(v) for v in value):
+            return [float(v) for v in value]
+        if (
+            isinstance(value, Mapping)
+            and value
+            and all(number(v) for v in value.values())
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in value)
+        ):
+            return {s: float(v) for s, v in value.items()}
+        raise _fail(key, value, self.describe())
 
 
 @dataclass(frozen=True)

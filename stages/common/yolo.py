@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import re
 import shutil
 import sys
 from copy import deepcopy
@@ -22,7 +21,8 @@ import ultralytics.utils as ul_utils
 import ultralytics.utils.torch_utils as ul_torch_utils
 from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
-from ultralytics.nn.tasks import DetectionModel
+from ultralytics.nn.modules import Detect
+from ultralytics.nn.tasks import DetectionModel, guess_model_task
 
 from stages.common import layers  # noqa: F401  (classes pruned checkpoints unpickle to)
 from stages.common import params as P
@@ -34,7 +34,6 @@ T = TypeVar("T", bound=DetectionTrainer)
 
 RUNS_DIR = CACHE_DIR / "runs"
 DATA_YAML = PROJECT_ROOT / "data" / "yolo" / "dataset.yaml"
-MODEL_CFG = re.compile(r"^yolov8[nsmlx]\.yaml$")
 
 # The ultralytics training settings every training stage reads from its own params section.
 TRAINING = {
@@ -67,18 +66,23 @@ torch.set_num_threads(cpu_threads())
 
 
 def check_model_source(key: str, value: str, sha256: str = "") -> str:
-    """A model to start from: a yolov8{n,s,m,l,x}.yaml name or an existing local .pt file.
+    """A model to start from: an ultralytics detection config (a name such as 'yolo11n.yaml' or
+    'yolov8n-p2.yaml', or a .yaml path in the project), built here to validate it; or an
+    existing local .pt file.
 
     With ``sha256``, a .pt file is hashed and compared before anything unpickles it: a
     checkpoint from outside the pipeline is never loaded unverified when a hash is given.
     """
-    if MODEL_CFG.match(value):
+    if value.endswith((".yaml", ".yml")):
         if sha256:
             raise P.ParamsError(
                 f"params.yaml: a sha256 is given for {key} = {value!r}, which is a config, not a "
                 f"weights file: set the sha256 to '' or {key} to the .pt it belongs to."
             )
-        return value
+        local = PROJECT_ROOT / value
+        cfg = str(local) if local.is_file() else value
+        check_detector_config(key, cfg)
+        return cfg
     path = PROJECT_ROOT / value
     if value.endswith(".pt"):
         if not path.is_file():
@@ -90,9 +94,38 @@ def check_model_source(key: str, value: str, sha256: str = "") -> str:
             verify_sha256(path, sha256)
         return str(path)
     raise P.ParamsError(
-        f"params.yaml: {key} = {value!r} is not a known model: expected one of yolov8n.yaml, "
-        f"yolov8s.yaml, yolov8m.yaml, yolov8l.yaml, yolov8x.yaml or a local .pt path."
+        f"params.yaml: {key} = {value!r} is not a model: expected an ultralytics detection config "
+        f"(such as yolov8n.yaml, yolov8n-p2.yaml, yolo11n.yaml) or a local .pt path."
     )
+
+
+def check_detector_config(key: str, cfg: str) -> None:
+    """Build ``cfg`` once: it must exist and give a detection model with a YOLO Detect head."""
+    try:
+        model = DetectionModel(cfg, verbose=False)
+    except (FileNotFoundError, KeyError, ValueError, TypeError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise P.ParamsError(
+            f"params.yaml: {key} = {cfg!r} does not build a model ({reason}): use the name of an "
+            f"ultralytics detection config (see ultralytics/cfg/models) or a .yaml in the project."
+        ) from None
+    problem = detector_problem(model)
+    if problem:
+        raise P.ParamsError(f"params.yaml: {key} = {cfg!r} {problem}")
+
+
+def detector_problem(model: torch.nn.Module) -> str | None:
+    """Why ``model`` is not a detector this pipeline handles, or None."""
+    head = model.model[-1] if isinstance(model, DetectionModel) else None
+    if type(model) is not DetectionModel or not isinstance(head, Detect):
+        return (
+            f"is a {type(model).__name__} ending in {type(head).__name__}, not a YOLO detection "
+            f"model: the pipeline trains, prunes and distils ultralytics YOLO detectors "
+            f"(yolov8, yolo11, yolo26, ... and their P2/P6 variants)."
+        )
+    if guess_model_task(model) != "detect":
+        return f"has a {type(head).__name__} head for {guess_model_task(model)}, not detection."
+    return None
 
 
 def verify_sha256(path: Path, expected: str) -> None:
@@ -117,7 +150,7 @@ def check_dataset() -> Path:
 
 
 def load_detector(path: Path | str) -> YOLO:
-    """Load a YOLOv8 detection checkpoint, failing clearly on anything else."""
+    """Load a YOLO detection checkpoint, failing clearly on anything else."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found: run the stage that writes it (`dvc repro`).")
@@ -130,11 +163,13 @@ def load_detector(path: Path | str) -> YOLO:
             f"another kind of file. Re-create it with `dvc repro`, which re-runs the stage that "
             f"writes it."
         ) from err
-    if not isinstance(model.model, DetectionModel) or model.task != "detect":
-        raise UserError(
-            f"{path} holds a {type(model.model).__name__} ({model.task}), not a "
-            f"YOLOv8 detection model."
-        )
+    problem = (
+        detector_problem(model.model)
+        if model.task == "detect"
+        else f"is a {model.task} model ({type(model.model).__name__}), not a YOLO detection model."
+    )
+    if problem:
+        raise UserError(f"{path} holds a model that {problem}")
     return model
 
 

@@ -5,7 +5,7 @@
     python -m stages.tools.benchmark --sizes-only --models yolov8m.yaml --imgsz 1024  # seconds
 
 For each model (10 classes, freshly built: speed depends on shapes, not on weights): the unpruned
-model and its uniform prunings at each ratio (stages.prune.uniformly_pruned), each measured for
+model and its uniform prunings at each ratio (pruning.uniformly_pruned), each measured for
 params and FLOPs (fused, FLOPs = 2 x MACs) and for the latency of one image (batch 1, fp32,
 median after warm-up) on PyTorch and on ONNX Runtime (exported as trt_build exports). All variants
 of one model and backend are timed in turns in one run; speedup = unpruned ms / pruned ms on the
@@ -30,12 +30,11 @@ from tqdm import tqdm
 from stages.common import cli, quantize, yolo
 from stages.common import params as P
 from stages.common.environment import cpu_description
-from stages.common.export import export_model_onnx
+from stages.common.export import TRT_BUILD, export_model_onnx
 from stages.common.outputs import atomic_path, print_summary, save_figure, write_csv, written
+from stages.common.pruning import uniformly_pruned
 from stages.common.runtime import PROJECT_ROOT, TMP_DIR, cpu_threads
 from stages.common.timing import latency_ms, onnx_runner, torch_runner
-from stages.prune import uniformly_pruned
-from stages.trt_build import SCHEMA
 
 OUT_DIR = PROJECT_ROOT / "reports" / "benchmark"
 BACKENDS = ("pytorch", "onnxruntime", "onnxruntime_int8")
@@ -186,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ],
         )
         return
-    int8 = P.load({"trt_build": SCHEMA["trt_build"]})["trt_build"]
+    int8 = P.load({"trt_build": TRT_BUILD})["trt_build"]
     rows = []
     for cfg in args.models:
         rows += benchmark_model(cfg, args.ratios, args.imgsz, args.warmup, args.repeats, int8)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from stages.common import cli
 from stages.common.outputs import print_summary, write_csv, written
+from stages.common.plots import plot_accuracy_vs_cost
 from stages.common.runtime import PROJECT_ROOT
-from stages.evaluate import plot_accuracy_vs_cost
 from stages.tools import dvc
 
 METRICS_FILE = "reports/metrics.json"
