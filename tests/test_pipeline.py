@@ -45,7 +45,8 @@ TINY = {
 
 def _merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
-        base[key] = _merge(base[key], value) if isinstance(value, dict) else value
+        nested = isinstance(value, dict) and isinstance(base.get(key), dict)
+        base[key] = _merge(base[key], value) if nested else value  # a dict replaces a list
     return base
 
 
@@ -192,6 +193,47 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     # Nothing was written to the home directory; nothing left half-written.
     assert list(Path(env["HOME"]).iterdir()) == []
     assert not list(repo.rglob(".*.partial-*"))
+
+
+@pytest.mark.parametrize(
+    ("model", "level_weights", "levels"),
+    [
+        ("yolov8n-p2.yaml", {4: 1.0, 8: 1.0, 16: 1.0, 32: 0.5}, 4),  # a weight per stride
+        ("yolo11n.yaml", [1.0, 1.0, 0.5], 3),  # C3k2 splits, C2PSA attention
+    ],
+)
+def test_repro_of_another_ultralytics_detector(
+    model: str, level_weights: object, levels: int, tmp_path: Path
+) -> None:
+    """The whole pipeline on a P2-head YOLOv8 and on YOLO11: pruned for real (splits resized),
+    distilled on every Detect level, deployed and evaluated. minmax INT8 calibration: at 64 px
+    YOLO11's attention spans a 2x2 map, whose near-constant softmax the default percentile
+    histogram refuses (test_quantize checks that message)."""
+    overrides = _merge(
+        json.loads(json.dumps(TINY)),
+        {
+            "baseline": {"model": model},
+            "distill": {"level_weights": level_weights},
+            "trt_build": {"int8_calibration": "minmax"},
+        },
+    )
+    repo, env = make_repo(tmp_path, overrides)
+    out = _run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out
+    pruned = json.loads((repo / "reports/prune/prune.json").read_text())
+    assert pruned["params_after_m"] < 0.5 * pruned["params_before_m"]
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert metrics["distilled"]["params_m"] == metrics["pruned"]["params_m"]
+    assert metrics["deployed"]["params_m"] == metrics["pruned"]["params_m"]
+    check = (
+        "from stages.common.yolo import load_detector; "
+        "m = load_detector('models/distilled.pt').model; "
+        "print(type(m.model[-1]).__name__, len(m.stride), "
+        "sum(hasattr(x, 'pruned_splits') for x in m.modules()))"
+    )
+    head, strides, resized = _run([sys.executable, "-c", check], repo, env).split()[-3:]
+    assert head == "Detect" and int(strides) == levels and int(resized) > 0
 
 
 def test_second_repro_is_a_no_op(tiny_repo: tuple[Path, dict]) -> None:

@@ -9,8 +9,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 import yaml
 from onnx import numpy_helper
+from ultralytics.nn.tasks import DetectionModel
 
 from stages.common import quantize as Q
 from stages.common.cli import UserError
@@ -168,3 +170,22 @@ def test_int8_detections_match_fp32_on_real_aerial_images(visdrone_sample: Path,
     print(divergence)
     assert divergence["reference_detections"] >= 100  # it does detect things on real frames
     assert divergence["f1"] >= 0.85
+
+
+def test_a_near_constant_tensor_is_a_clear_calibration_error(tmp_path: Path) -> None:
+    """An untrained YOLO11 at 64 px has nearly constant tensors (after 1 epoch, its attention's
+    softmax over a 2x2 map is 0.25 everywhere), too narrow for the percentile histogram. The
+    error names the method, the tensor and the fix, and minmax calibrates the same model."""
+    torch.manual_seed(0)
+    model = DetectionModel("yolo11n.yaml", nc=10, verbose=False).eval()
+    fp32 = tmp_path / "yolo11n.onnx"
+    export_model_onnx(model, fp32, 64, 1, 17)
+    images = np.random.default_rng(0).random((4, 3, 64, 64), dtype=np.float32)
+    with pytest.raises(
+        UserError,
+        match=r"by percentile failed: .* constant \(/model\.\d+/.*int8_calibration: minmax",
+    ):
+        Q.quantize_int8(fp32, tmp_path / "p.onnx", images, [], "percentile")
+    assert not (tmp_path / "p.onnx").exists()
+    Q.quantize_int8(fp32, tmp_path / "m.onnx", images, [], "minmax")
+    assert Q.tensorrt_rule_violations(onnx.load(tmp_path / "m.onnx")) == []

@@ -130,32 +130,53 @@ def quantize_int8(
     kept_float = excluded_nodes(model, exclude, key)
     # Its progress prints and its advice to pre-process (shape inference, which the exported,
     # simplified model has already had) would fill the stage's log.
-    with contextlib.redirect_stdout(io.StringIO()), _root_logging(logging.ERROR):
-        quantize_static(
-            str(fp32),
-            str(out),
-            _Images(model.graph.input[0].name, images, batch),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            # 7-bit weights: x86 CPUs without VNNI add pairs of uint8 x int8 products in int16
-            # (VPMADDUBSW), which full-range weights saturate; measured, that cost 0.2 detection
-            # agreement with fp32. TensorRT reads them as ordinary INT8 weights.
-            reduce_range=True,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=kept_float,
-            calibrate_method={
-                "minmax": CalibrationMethod.MinMax,
-                "percentile": CalibrationMethod.Percentile,
-                "entropy": CalibrationMethod.Entropy,
-            }[method],
-            extra_options={
-                "ActivationSymmetric": True,
-                "WeightSymmetric": True,
-                "QuantizeBias": False,  # float biases: TensorRT reads no INT32 DequantizeLinear
-            },
-        )
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), _root_logging(logging.ERROR):
+            quantize_static(
+                str(fp32),
+                str(out),
+                _Images(model.graph.input[0].name, images, batch),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                # 7-bit weights: x86 CPUs without VNNI add pairs of uint8 x int8 products in int16
+                # (VPMADDUBSW), which full-range weights saturate; measured, that cost 0.2 detection
+                # agreement with fp32. TensorRT reads them as ordinary INT8 weights.
+                reduce_range=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=kept_float,
+                calibrate_method={
+                    "minmax": CalibrationMethod.MinMax,
+                    "percentile": CalibrationMethod.Percentile,
+                    "entropy": CalibrationMethod.Entropy,
+                }[method],
+                extra_options={
+                    "ActivationSymmetric": True,
+                    "WeightSymmetric": True,
+                    "QuantizeBias": False,  # float biases: TensorRT reads no INT32 DequantizeLinear
+                },
+            )
+    except ValueError as err:
+        if "Too many bins" not in str(err) or method == "minmax":
+            raise
+        raise UserError(
+            f"INT8 calibration by {method} failed: a tensor's calibration values are nearly "
+            f"constant ({_histogram_tensor(err)}), too narrow a range for its 2048-bin histogram; "
+            f"a barely trained layer or attention over a tiny map (small imgsz) does it. Set "
+            f"trt_build.int8_calibration: minmax, or calibrate at a larger imgsz."
+        ) from err
     return kept_float
+
+
+def _histogram_tensor(err: ValueError) -> str:
+    """The tensor ONNX Runtime's histogram calibrator was collecting when ``err`` was raised."""
+    tb = err.__traceback__
+    while tb is not None:
+        tensor = tb.tb_frame.f_locals.get("tensor")
+        if isinstance(tensor, str):
+            return tensor
+        tb = tb.tb_next
+    return "unnamed"
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
