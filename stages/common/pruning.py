@@ -146,8 +146,9 @@ def _topological(outputs: Iterable[torch.Tensor]) -> list:
     return order
 
 
-def _prediction_tensors(out: object) -> list[torch.Tensor]:
-    """The prediction tensors of a training-mode forward (ultralytics returns nested dicts).
+def prediction_tensors(out: object) -> list[torch.Tensor]:
+    """The prediction tensors of a forward's output (ultralytics returns nested dicts; in eval
+    mode, the decoded boxes beside them).
 
     "feats" holds the neck's maps, returned beside the predictions for the loss: they are not
     outputs whose channels must be kept.
@@ -155,9 +156,9 @@ def _prediction_tensors(out: object) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
-        return [t for k, v in out.items() if k != "feats" for t in _prediction_tensors(v)]
+        return [t for k, v in out.items() if k != "feats" for t in prediction_tensors(v)]
     if isinstance(out, list | tuple):
-        return [t for v in out for t in _prediction_tensors(v)]
+        return [t for v in out for t in prediction_tensors(v)]
     return []
 
 
@@ -214,7 +215,7 @@ def trace(model: nn.Module, imgsz: int = 64) -> ChannelGraph:
     modules = dict(traced.named_modules())
     owner = {id(p): name for name, m in modules.items() for p in m.parameters(recurse=False)}
     with _SplitRecorder(traced) as recorder:
-        outputs = _prediction_tensors(traced(torch.randn(2, 3, imgsz, imgsz)))
+        outputs = prediction_tensors(traced(torch.randn(2, 3, imgsz, imgsz)))
 
     graph = ChannelGraph()
     layouts: dict[tuple, list | str] = {}
@@ -532,12 +533,16 @@ def apply(
 
 def _output_shapes(model: nn.Module, x: torch.Tensor) -> list[list[tuple[int, ...]]]:
     """Shapes of the prediction tensors in eval and in train mode (of a copy: training
-    BatchNorm would move the running statistics)."""
-    with torch.no_grad():
-        return [
-            [tuple(t.shape) for t in _prediction_tensors(m(x))]
-            for m in (model.eval(), deepcopy(model).train())
-        ]
+    BatchNorm would move the running statistics); the model keeps its mode."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            return [
+                [tuple(t.shape) for t in prediction_tensors(m(x))]
+                for m in (model.eval(), deepcopy(model).train())
+            ]
+    finally:
+        model.train(was_training)
 
 
 def _check_consistent(
@@ -554,10 +559,9 @@ def _check_consistent(
     for name, module in model.named_modules():
         hooks.append(module.register_forward_pre_hook(lambda _m, _a, n=name: running.append(n)))
         hooks.append(module.register_forward_hook(leave))
-    was_training = model.training
     try:
         shapes_after = _output_shapes(model, x)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError, IndexError) as err:  # what torch raises on bad shapes
         name = running[-1] if running else ""
         kind = type(dict(model.named_modules())[name]).__name__
         raise InconsistentModule(
@@ -568,7 +572,6 @@ def _check_consistent(
             name,
         ) from err
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
     if shapes_after != shapes_before:
