@@ -108,6 +108,7 @@ def test_trace_finds_yolov8_structure() -> None:
         "yolo11n.yaml",  # C3k2, C2PSA attention
         "yolo26n.yaml",  # one-to-one head on detached features
         "yolov10n.yaml",  # PSA, SCDown, v10Detect
+        "yolo12n.yaml",  # A2C2f area attention
     ],
 )
 def test_pruning_zero_gamma_channels_leaves_the_output_unchanged(cfg: str) -> None:

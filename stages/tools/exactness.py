@@ -6,22 +6,23 @@ For each ultralytics detection config (10 classes, random weights and random Bat
 trace it, plan a global prune at ``--ratio``, set gamma and beta of every channel the plan removes
 to 0 (so those channels emit exactly 0, as after ideal sparse training), cut them for real, and
 compare every prediction on random images. The surgery is exact when the largest difference is
-~1e-5 of the outputs' scale; a structure the surgery cannot handle is refused with the module it
-failed at. Prints a table (params before -> after, modules whose channel splits were resized,
-largest difference) and writes it to --out if given.
+~1e-7 of the outputs' scale (float rounding); a structure the surgery cannot handle is refused
+with the module it failed at. Prints a table (params before -> after, modules whose channel
+splits were resized, largest difference) and writes it to --out if given.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 from ultralytics.nn.tasks import DetectionModel
 
-from stages.common import cli
+from stages.common import cli, yolo
+from stages.common import params as P
 from stages.common.outputs import atomic_path, print_summary
 from stages.common.pruning import (
     UnprunableError,
@@ -82,12 +83,17 @@ def relative_difference(before: list[torch.Tensor], after: list[torch.Tensor]) -
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = cli.parser(__doc__)
     parser.add_argument("configs", nargs="+", help="ultralytics detection configs (.yaml)")
     parser.add_argument("--ratio", type=float, default=0.5, help="global prune ratio (0.5)")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for cfg in args.configs:
+        try:
+            yolo.check_detector_config("config", cfg)
+        except P.ParamsError as err:  # a command-line argument here, not a param
+            raise cli.UserError(str(err).removeprefix("params.yaml: ")) from None
     rows = [
         "| model | params before (M) | after (M) | resized splits | max difference | s |",
         "|---|---|---|---|---|---|",
@@ -114,10 +120,13 @@ def main() -> None:
         "exactness",
         [
             ("how", f"global prune at {args.ratio}, the removed channels' gamma = beta = 0"),
-            ("max difference", "relative to each output's largest value; ~1e-5 is exact"),
+            (
+                "max difference",
+                "relative to each output's largest value; ~1e-7 (float rounding) is exact",
+            ),
         ],
     )
 
 
 if __name__ == "__main__":
-    cli.run(main, __doc__)
+    cli.run(main)
