@@ -7,8 +7,11 @@ trace it, plan a global prune at ``--ratio``, set gamma and beta of every channe
 to 0 (so those channels emit exactly 0, as after ideal sparse training), cut them for real, and
 compare every prediction on random images. The surgery is exact when the largest difference is
 ~1e-7 of the outputs' scale (float rounding); a structure the surgery cannot handle is refused
-with the module it failed at. Prints a table (params before -> after, modules whose channel
-splits were resized, largest difference) and writes it to --out if given.
+with the module it failed at.
+
+Reads only the configs (ultralytics' own, or .yaml files you name); no data, no checkpoint. Prints
+a table (params before -> after, modules whose channel splits were resized, largest difference)
+and writes it to --out if given.
 """
 
 from __future__ import annotations
