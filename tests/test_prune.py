@@ -388,3 +388,48 @@ def test_a_checkpoint_that_is_not_a_detector_is_refused(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(3)}, junk)
     with pytest.raises(UserError, match="is not an ultralytics checkpoint"):
         yolo.load_detector(junk)
+
+
+class _Halves(nn.Module):
+    """conv -> BN -> chunk in two halves -> the second half through ``inner`` -> concat."""
+
+    def __init__(self, c: int, inner: nn.Module | None = None) -> None:
+        super().__init__()
+        self.cv = nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c))
+        self.inner = inner or nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.cv(x).chunk(2, 1)
+        return torch.cat([a, self.inner(b)], 1)
+
+
+def test_nested_modules_replay_their_own_splits() -> None:
+    """A module that splits and whose child splits too: each replays its own splits at its own
+    kept sizes (the parent's replay steps aside while the child runs), exactly."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 1, bias=False),
+        nn.BatchNorm2d(16),
+        _Halves(16, inner=_Halves(16)),
+        nn.Conv2d(48, 4, 1),
+    ).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    graph = trace(net, imgsz=16)
+    assert sorted((s.module, s.index) for s in graph.splits) == [("2", 0), ("2.inner", 0)]
+    removed = plan(graph, bn_gammas(net), 0.4, "global", 1, 1).removed
+    modules = dict(net.named_modules())
+    with torch.no_grad():
+        for conv, i in removed:
+            modules[graph.bn_after[conv]].weight[i] = 0.0
+            modules[graph.bn_after[conv]].bias[i] = 0.0
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        before = net(x)
+    apply(net, graph, removed, x)
+    assert net[2].pruned_splits and net[2].inner.pruned_splits
+    assert net[2].pruned_splits[0] != net[2].inner.pruned_splits[0]  # unequal, so each its own
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)

@@ -3,9 +3,11 @@
 A module whose forward splits a tensor along channels computes the sizes in its own code from
 its widths before pruning (C2f and C3k2 ``chunk(2, 1)`` cv1's output, C2PSA splits it at
 ``self.c``, ...). Pruning may keep parts of unequal width, so such a module carries
-``pruned_splits`` (the n-th channel split made during its forward -> the sizes to split at now),
-and two forward hooks run its forward under a mode that replays those splits at those sizes.
-One mechanism for every module type: nothing here names a module class.
+``pruned_splits`` (the n-th channel split its own code makes -> the sizes to split at now), and
+forward hooks run its code under a mode that replays those splits at those sizes. While one of
+its children runs, the mode steps aside: the child's operations then cost nothing extra, and
+the splits counted are the module's own. One mechanism for every module type: nothing here names
+a module class.
 
 This lives here, not in a stage module: a stage runs as ``__main__``, and pickle records the
 hooks by their module's name; from here every process that loads a checkpoint finds them.
@@ -43,8 +45,8 @@ def is_channel_split(func: Callable, args: tuple, kwargs: dict) -> bool:
 
 
 class _PrunedSplits(TorchFunctionMode):
-    """Counts the channel splits made while one module's forward runs (its children's
-    included, as the trace counted them) and makes the n-th at ``sizes[n]`` where given."""
+    """Counts the channel splits a module's own code makes and makes the n-th at ``sizes[n]``
+    where given."""
 
     def __init__(self, sizes: dict[int, list[int]]) -> None:
         super().__init__()
@@ -60,24 +62,44 @@ class _PrunedSplits(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_ACTIVE: dict[int, list[_PrunedSplits]] = {}  # id(module) -> its modes entered, innermost last
+_MODES: list[_PrunedSplits] = []  # of the resized modules whose forward is running, innermost last
+_FRAMES: list[tuple[_PrunedSplits | None, bool]] = []  # per hooked call: its mode, parent paused
 
 
-def _enter_pruned_splits(module: nn.Module, _args: tuple) -> None:
-    mode = _PrunedSplits(module.pruned_splits)
-    mode.__enter__()
-    _ACTIVE.setdefault(id(module), []).append(mode)
+def _before_forward(module: nn.Module, _args: tuple) -> None:
+    paused = bool(getattr(module, "pauses_parent_splits", False) and _MODES)
+    if paused:  # a child of a resized module: its parent's mode steps aside
+        _MODES[-1].__exit__(None, None, None)
+    mode = None
+    if getattr(module, "pruned_splits", None):
+        mode = _PrunedSplits(module.pruned_splits)
+        mode.__enter__()
+        _MODES.append(mode)
+    _FRAMES.append((mode, paused))
 
 
-def _exit_pruned_splits(module: nn.Module, _args: tuple, _output: object) -> None:
-    _ACTIVE[id(module)].pop().__exit__(None, None, None)
+def _after_forward(module: nn.Module, _args: tuple, _output: object) -> None:
+    mode, paused = _FRAMES.pop()
+    if mode is not None:
+        _MODES.pop().__exit__(None, None, None)
+    if paused:
+        _MODES[-1].__enter__()
+
+
+def _hook(module: nn.Module) -> None:
+    """Install the two hooks on ``module`` once (they do nothing for a module with neither
+    role)."""
+    if not getattr(module, "has_split_hooks", False):
+        module.register_forward_pre_hook(_before_forward)
+        module.register_forward_hook(_after_forward, always_call=True)
+        module.has_split_hooks = True
 
 
 def set_pruned_splits(module: nn.Module, sizes: dict[int, list[int]]) -> None:
-    """Make ``module`` split its n-th channel split at ``sizes[n]`` from now on (hooks are
-    installed once; a second pruning updates the sizes)."""
-    if not hasattr(module, "pruned_splits"):
-        module.register_forward_pre_hook(_enter_pruned_splits)
-        module.register_forward_hook(_exit_pruned_splits, always_call=True)
-        module.pruned_splits = {}
-    module.pruned_splits = {**module.pruned_splits, **sizes}
+    """Make ``module`` split its own n-th channel split at ``sizes[n]`` from now on (a second
+    pruning updates the sizes)."""
+    module.pruned_splits = {**getattr(module, "pruned_splits", {}), **sizes}
+    _hook(module)
+    for child in module.children():
+        child.pauses_parent_splits = True
+        _hook(child)

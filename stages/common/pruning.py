@@ -86,7 +86,7 @@ class InconsistentModule(UnprunableError):
 
 @dataclass
 class Split:
-    """A channel split: the ``index``-th made while ``module``'s forward ran, and its parts."""
+    """A channel split: the ``index``-th that ``module``'s own code makes, and its parts."""
 
     module: str
     index: int
@@ -163,14 +163,14 @@ def prediction_tensors(out: object) -> list[torch.Tensor]:
 
 
 class _SplitRecorder(TorchFunctionMode):
-    """Watches a traced forward: which module made each channel split, as the how-many-th of the
-    splits made while that module's forward ran (the count layers._PrunedSplits replays), and
+    """Watches a traced forward: which module's own code made each channel split, and as its
+    how-many-th (the count layers._PrunedSplits replays), and
     ``detach`` made a differentiable copy so that the trace sees through it (YOLOv10/26 heads
     detach their one-to-one branch in training)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.running: list[list] = []  # [module name, channel splits so far], outermost first
+        self.running: list[list] = []  # [module, its own channel splits so far], innermost last
         self.owner: dict[object, tuple[str, int]] = {}  # split's autograd node -> (module, n)
         self.inputs: dict[str, list[tuple]] = defaultdict(list)  # module -> autograd edges
         self.hooks = []
@@ -197,8 +197,7 @@ class _SplitRecorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if is_channel_split(func, args, kwargs) and self.running:
             self.owner[out[0].grad_fn] = tuple(self.running[-1])
-            for frame in self.running:
-                frame[1] += 1
+            self.running[-1][1] += 1
         return out
 
     def __exit__(self, *exc: object) -> None:
