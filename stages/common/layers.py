@@ -5,8 +5,8 @@ its widths before pruning (C2f and C3k2 ``chunk(2, 1)`` cv1's output, C2PSA spli
 ``self.c``, ...). Pruning may keep parts of unequal width, so such a module carries
 ``pruned_splits`` (the n-th channel split its own code makes -> the sizes to split at now), and
 forward hooks run its code under a mode that replays those splits at those sizes. While one of
-its children runs, the mode steps aside: the child's operations then cost nothing extra, and
-the splits counted are the module's own. One mechanism for every module type: nothing here names
+the modules its code calls runs, the mode steps aside: their operations then cost nothing extra,
+and the splits counted are the module's own. One mechanism for every module type: nothing here names
 a module class.
 
 This lives here, not in a stage module: a stage runs as ``__main__``, and pickle records the
@@ -15,7 +15,7 @@ hooks by their module's name; from here every process that loads a checkpoint fi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ class _PrunedSplits(TorchFunctionMode):
         super().__init__()
         self.sizes = sizes
         self.count = 0
+        self.active = False  # entered and not paused
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -66,14 +67,23 @@ _MODES: list[_PrunedSplits] = []  # of the resized modules whose forward is runn
 _FRAMES: list[tuple[_PrunedSplits | None, bool]] = []  # per hooked call: its mode, parent paused
 
 
+def _switch(mode: _PrunedSplits, on: bool) -> None:
+    if on:
+        mode.__enter__()
+    else:
+        mode.__exit__(None, None, None)
+    mode.active = on
+
+
 def _before_forward(module: nn.Module, _args: tuple) -> None:
-    paused = bool(getattr(module, "pauses_parent_splits", False) and _MODES)
-    if paused:  # a child of a resized module: its parent's mode steps aside
-        _MODES[-1].__exit__(None, None, None)
+    # a module the resized module's own code calls: the caller's mode steps aside meanwhile
+    paused = bool(getattr(module, "pauses_caller_splits", False) and _MODES and _MODES[-1].active)
+    if paused:
+        _switch(_MODES[-1], False)
     mode = None
     if getattr(module, "pruned_splits", None):
         mode = _PrunedSplits(module.pruned_splits)
-        mode.__enter__()
+        _switch(mode, True)
         _MODES.append(mode)
     _FRAMES.append((mode, paused))
 
@@ -81,9 +91,9 @@ def _before_forward(module: nn.Module, _args: tuple) -> None:
 def _after_forward(module: nn.Module, _args: tuple, _output: object) -> None:
     mode, paused = _FRAMES.pop()
     if mode is not None:
-        _MODES.pop().__exit__(None, None, None)
+        _switch(_MODES.pop(), False)
     if paused:
-        _MODES[-1].__enter__()
+        _switch(_MODES[-1], True)
 
 
 def _hook(module: nn.Module) -> None:
@@ -95,11 +105,14 @@ def _hook(module: nn.Module) -> None:
         module.has_split_hooks = True
 
 
-def set_pruned_splits(module: nn.Module, sizes: dict[int, list[int]]) -> None:
+def set_pruned_splits(
+    module: nn.Module, sizes: dict[int, list[int]], callees: Iterable[nn.Module] = ()
+) -> None:
     """Make ``module`` split its own n-th channel split at ``sizes[n]`` from now on (a second
-    pruning updates the sizes)."""
+    pruning updates the sizes); ``callees`` are the modules its own code calls (the trace knows
+    them), during which its replay steps aside."""
     module.pruned_splits = {**getattr(module, "pruned_splits", {}), **sizes}
     _hook(module)
-    for child in module.children():
-        child.pauses_parent_splits = True
-        _hook(child)
+    for callee in callees:
+        callee.pauses_caller_splits = True
+        _hook(callee)

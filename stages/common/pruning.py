@@ -104,6 +104,7 @@ class ChannelGraph:
     parent: dict[ChannelId, ChannelId] = field(default_factory=dict)  # union-find of ties
     splits: list[Split] = field(default_factory=list)
     module_inputs: dict[str, set[ChannelId]] = field(default_factory=dict)  # channels entering
+    callees: dict[str, set[str]] = field(default_factory=dict)  # modules a module's code calls
 
     def find(self, c: ChannelId) -> ChannelId:
         root = c
@@ -173,6 +174,7 @@ class _SplitRecorder(TorchFunctionMode):
         self.running: list[list] = []  # [module, its own channel splits so far], innermost last
         self.owner: dict[object, tuple[str, int]] = {}  # split's autograd node -> (module, n)
         self.inputs: dict[str, list[tuple]] = defaultdict(list)  # module -> autograd edges
+        self.callees: dict[str, set[str]] = defaultdict(set)  # module -> modules its code calls
         self.hooks = []
         for name, module in model.named_modules():
             self.hooks.append(module.register_forward_pre_hook(self._enter(name)))
@@ -180,6 +182,8 @@ class _SplitRecorder(TorchFunctionMode):
 
     def _enter(self, name: str):
         def hook(_m: nn.Module, args: tuple) -> None:
+            if self.running:
+                self.callees[self.running[-1][0]].add(name)
             self.running.append([name, 0])
             self.inputs[name] += [
                 (a.grad_fn, a.output_nr) for a in args if isinstance(a, torch.Tensor)
@@ -300,6 +304,7 @@ def trace(model: nn.Module, imgsz: int = 64) -> ChannelGraph:
     for name in graph.convs:  # channels with no BatchNorm have no importance score
         if name not in graph.bn_after:
             graph.blocked.update((name, i) for i in range(graph.convs[name].out_channels))
+    graph.callees = dict(recorder.callees)
     for name, edges in recorder.inputs.items():
         entering = [layout_of(e) for e in edges]
         graph.module_inputs[name] = {c for lay in entering if lay != OPAQUE for c in lay if c}
@@ -526,7 +531,7 @@ def apply(
         if sizes != [len(part) for part in split.segments]:
             resized[split.module][split.index] = sizes
     for name, sizes in resized.items():
-        set_pruned_splits(modules[name], sizes)
+        set_pruned_splits(modules[name], sizes, [modules[c] for c in graph.callees.get(name, ())])
     _check_consistent(model, probe, shapes_before)
 
 
