@@ -28,7 +28,7 @@ from stages.common.pruning import (
     trace,
 )
 from stages.prune import SCHEMA, not_sparse_warning
-from stages.tools.exactness import exactness, random_detector, relative_difference
+from stages.tools.exactness import exactness, random_detector, relative_difference, silence
 from tests.test_params import expect_param_error
 
 
@@ -420,11 +420,7 @@ def test_nested_modules_replay_their_own_splits() -> None:
     graph = trace(net, imgsz=16)
     assert sorted((s.module, s.index) for s in graph.splits) == [("2", 0), ("2.inner", 0)]
     removed = plan(graph, bn_gammas(net), 0.4, "global", 1, 1).removed
-    modules = dict(net.named_modules())
-    with torch.no_grad():
-        for conv, i in removed:
-            modules[graph.bn_after[conv]].weight[i] = 0.0
-            modules[graph.bn_after[conv]].bias[i] = 0.0
+    silence(net, graph, removed)
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         before = net(x)

@@ -28,6 +28,8 @@ from stages.common import cli, yolo
 from stages.common import params as P
 from stages.common.outputs import atomic_path, print_summary
 from stages.common.pruning import (
+    ChannelGraph,
+    ChannelId,
     UnprunableError,
     apply,
     bn_gammas,
@@ -52,16 +54,21 @@ def random_detector(cfg: str, seed: int) -> DetectionModel:
     return model.eval()
 
 
+def silence(model: nn.Module, graph: ChannelGraph, channels: set[ChannelId]) -> None:
+    """Set gamma and beta of each channel's BatchNorm to 0: the channel then emits exactly 0."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for conv, i in channels:
+            modules[graph.bn_after[conv]].weight[i] = 0.0
+            modules[graph.bn_after[conv]].bias[i] = 0.0
+
+
 def exactness(cfg: str, ratio: float = 0.5, seed: int = 0) -> dict:
     """Prune ``cfg`` as the module docstring says; the outputs before and after, and sizes."""
     model = random_detector(cfg, seed)
     graph = trace(model)
     removed = plan(graph, bn_gammas(model), ratio, "global", 8, 8).removed
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for conv, i in removed:
-            modules[graph.bn_after[conv]].weight[i] = 0.0
-            modules[graph.bn_after[conv]].bias[i] = 0.0
+    silence(model, graph, removed)
     x = torch.rand(2, 3, 128, 192)  # every stride up to P6's 64 divides both sides
     with torch.no_grad():
         before = prediction_tensors(model(x))
