@@ -20,6 +20,7 @@ from stages.tools.pr_comment import (
     split_metrics,
 )
 from stages.tools.profile import apply_profile, load_profile, profiles
+from stages.tools.teacher_curve import with_settings
 from tests.conftest import PROJECT_ROOT, STAGES
 
 
@@ -255,3 +256,13 @@ def test_ablation_chooses_on_val_and_pairs_each_seed_on_test() -> None:
     assert "| cwd w0.1 tau1 − plain | +0.0067 ± 0.0379 | 2/3 seeds |" in table
     assert "| ultralytics | 0.7000 ± 0.0248 |" in table
     assert "0.9000" not in table.split("**Reported on test**")[1]  # the unchosen arm stays out
+
+
+def test_teacher_curve_settings_change_one_key_and_refuse_unknown_ones() -> None:
+    raw = {"seed": 0, "baseline": {"batch": 8, "lr0": 0.004}}
+    changed = with_settings(raw, ["baseline.batch=2", "baseline.lr0=0.002", "seed=1"])
+    assert changed == {"seed": 1, "baseline": {"batch": 2, "lr0": 0.002}}
+    assert raw == {"seed": 0, "baseline": {"batch": 8, "lr0": 0.004}}  # the input is untouched
+    for bad in ("baseline.batchsize=2", "baseline.batch", "nothing.batch=2", "seed.x=1"):
+        with pytest.raises(UserError, match="expected KEY=VALUE"):
+            with_settings(raw, [bad])

@@ -1,6 +1,9 @@
 """Is the teacher converged? The baseline trained for several epoch budgets, each on test.
 
     python -m stages.tools.teacher_curve --epochs 10 15 20 25 30
+    python -m stages.tools.teacher_curve --epochs 8 16 24 --set baseline.batch=2 baseline.nbs=2 \
+        --out reports/teacher_curve/batch2
+
 
 Each budget is a full baseline run (the baseline stage's params with only ``epochs`` changed, so
 the learning-rate schedule and the mosaic switch-off follow the budget as they would in the
@@ -8,6 +11,10 @@ stage), validated on val and on test. Retention figures only mean something when
 would not raise the teacher: the default ``baseline.epochs`` should sit where the next budget adds
 less than ``--plateau`` (0.01) test AP50. Runs on the pipeline's current dataset (after
 `dvc repro dataset`).
+
+``--set section.key=value`` changes params.yaml's values for this tool only (the value is read
+as YAML and validated like params.yaml), to see how a candidate setting would converge before it
+becomes the default.
 
 Each point is cached in .cache/teacher_curve/ under a hash of the params it depends on, so adding
 budgets later re-trains only the new ones. Reads params.yaml (`baseline`, `dataset`, `seed`,
@@ -17,6 +24,7 @@ curve.md and curve.png. Not DVC outputs: run on demand.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -26,6 +34,7 @@ from pathlib import Path
 from stages import baseline
 from stages.common import cli, yolo
 from stages.common import params as P
+from stages.common.cli import UserError
 from stages.common.outputs import (
     atomic_path,
     print_summary,
@@ -57,6 +66,26 @@ def converged_at(points: Sequence[dict], plateau: float) -> int | None:
     return None
 
 
+def with_settings(raw: dict, settings: Sequence[str]) -> dict:
+    """``raw`` params with each ``section.key=value`` of ``settings`` applied (value as YAML)."""
+    import yaml
+
+    changed = copy.deepcopy(raw)
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        *parents, leaf = key.split(".")
+        where = changed
+        for name in parents:
+            where = where.get(name) if isinstance(where, dict) else None
+        if not sep or not isinstance(where, dict) or leaf not in where:
+            raise UserError(
+                f"--set {setting!r}: expected KEY=VALUE with KEY a key of params.yaml such as "
+                f"baseline.batch (dotted path)."
+            )
+        where[leaf] = yaml.safe_load(value)
+    return changed
+
+
 def run_point(params: dict, epochs: int) -> dict:
     """Train the baseline for ``epochs`` (cached by params) and measure val and test AP50."""
     section = {**params["baseline"], "epochs": epochs}
@@ -81,14 +110,16 @@ def run_point(params: dict, epochs: int) -> dict:
     return point
 
 
-def markdown(points: Sequence[dict], plateau: float, current: int) -> str:
+def markdown(
+    points: Sequence[dict], plateau: float, current: int, settings: Sequence[str] = ()
+) -> str:
     ordered = sorted(points, key=lambda p: p["epochs"])
     at = converged_at(ordered, plateau)
     lines = [
         f"Baseline test AP50 against its epoch budget (each budget a full run; "
         f"baseline.epochs = {current} in params.yaml). Converged: "
         + (f"from {at} epochs on, no larger budget adds {plateau:g} or more." if at else "no.")
-        + "",
+        + (f" Settings changed from params.yaml: {', '.join(settings)}." if settings else ""),
         "",
         "| epochs | val AP50 | test AP50 | test mAP50-95 | test AP50 gain |",
         "|---|---|---|---|---|",
@@ -122,17 +153,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, nargs="+", required=True)
     parser.add_argument("--plateau", type=float, default=0.01)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     if len(args.epochs) < 2 or min(args.epochs) < 1 or len(set(args.epochs)) != len(args.epochs):
         parser.error("--epochs needs at least two distinct budgets >= 1")
-    params = P.load({**baseline.SCHEMA, "dataset": DATASET_SCHEMA["dataset"]})
+    schema = {**baseline.SCHEMA, "dataset": DATASET_SCHEMA["dataset"]}
+    params = P.validate(schema, with_settings(P.read_yaml(P.PARAMS_FILE), args.set))
     yolo.check_dataset()
     points = [run_point(params, e) for e in sorted(args.epochs)]
     out = args.out.resolve()
     current = params["baseline"]["epochs"]
     write_csv(out / "curve.csv", points)
     with atomic_path(out / "curve.md") as tmp:
-        tmp.write_text(markdown(points, args.plateau, current))
+        tmp.write_text(markdown(points, args.plateau, current, args.set))
     plot(points, current, out / "curve.png")
     at = converged_at(points, args.plateau)
     print_summary(
