@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
 
@@ -163,36 +164,57 @@ def prediction_tensors(out: object) -> list[torch.Tensor]:
     return []
 
 
+@contextmanager
+def _running_modules(
+    model: nn.Module, on_enter: Callable[[str, tuple], None] | None = None
+) -> Iterator[list[str]]:
+    """The names of ``model``'s modules whose forward is running, innermost last, kept up to date
+    by hooks while the context lasts; ``on_enter(name, args)`` runs as each one starts. A module
+    whose forward raises stays on the list, so after an error the last name is where it was."""
+    running: list[str] = []
+
+    def enter(name: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> None:
+            if on_enter is not None:
+                on_enter(name, args)
+            running.append(name)
+
+        return hook
+
+    def leave(_m: nn.Module, _args: tuple, _out: object) -> None:
+        running.pop()
+
+    hooks = []
+    for name, module in model.named_modules():
+        hooks.append(module.register_forward_pre_hook(enter(name)))
+        hooks.append(module.register_forward_hook(leave))
+    try:
+        yield running
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 class _SplitRecorder(TorchFunctionMode):
     """Watches a traced forward: which module's own code made each channel split, and as its
     how-many-th (the count layers._PrunedSplits replays), and
     ``detach`` made a differentiable copy so that the trace sees through it (YOLOv10/26 heads
-    detach their one-to-one branch in training)."""
+    detach their one-to-one branch in training). ``running`` is _running_modules' list, and
+    ``entered`` its ``on_enter``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.running: list[list] = []  # [module, its own channel splits so far], innermost last
+        self.running: list[str] = []
+        self.splits_made: dict[str, int] = {}  # running module -> its own channel splits so far
         self.owner: dict[object, tuple[str, int]] = {}  # split's autograd node -> (module, n)
         self.inputs: dict[str, list[tuple]] = defaultdict(list)  # module -> autograd edges
         self.callees: dict[str, set[str]] = defaultdict(set)  # module -> modules its code calls
-        self.hooks = []
-        for name, module in model.named_modules():
-            self.hooks.append(module.register_forward_pre_hook(self._enter(name)))
-            self.hooks.append(module.register_forward_hook(self._exit, always_call=True))
 
-    def _enter(self, name: str):
-        def hook(_m: nn.Module, args: tuple) -> None:
-            if self.running:
-                self.callees[self.running[-1][0]].add(name)
-            self.running.append([name, 0])
-            self.inputs[name] += [
-                (a.grad_fn, a.output_nr) for a in args if isinstance(a, torch.Tensor)
-            ]
-
-        return hook
-
-    def _exit(self, _m: nn.Module, _args: tuple, _out: object) -> None:
-        self.running.pop()
+    def entered(self, name: str, args: tuple) -> None:
+        if self.running:
+            self.callees[self.running[-1]].add(name)
+        self.splits_made[name] = 0
+        self.inputs[name] += [(a.grad_fn, a.output_nr) for a in args if isinstance(a, torch.Tensor)]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -200,14 +222,10 @@ class _SplitRecorder(TorchFunctionMode):
             return args[0].clone()
         out = func(*args, **kwargs)
         if is_channel_split(func, args, kwargs) and self.running:
-            self.owner[out[0].grad_fn] = tuple(self.running[-1])
-            self.running[-1][1] += 1
+            name = self.running[-1]
+            self.owner[out[0].grad_fn] = (name, self.splits_made[name])
+            self.splits_made[name] += 1
         return out
-
-    def __exit__(self, *exc: object) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        super().__exit__(*exc)
 
 
 def trace(model: nn.Module, imgsz: int = 64) -> ChannelGraph:
@@ -217,7 +235,8 @@ def trace(model: nn.Module, imgsz: int = 64) -> ChannelGraph:
         p.requires_grad_(True)
     modules = dict(traced.named_modules())
     owner = {id(p): name for name, m in modules.items() for p in m.parameters(recurse=False)}
-    with _SplitRecorder(traced) as recorder:
+    recorder = _SplitRecorder()
+    with _running_modules(traced, recorder.entered) as recorder.running, recorder:
         outputs = prediction_tensors(traced(torch.randn(2, 3, imgsz, imgsz)))
 
     graph = ChannelGraph()
@@ -554,30 +573,19 @@ def _check_consistent(
 ) -> None:
     """Run the pruned model in train and eval mode: a module that fails, or predictions of
     other shapes, are refused here rather than in the next stage."""
-    running: list[str] = []  # modules entered and not left: on an error, the innermost is last
-
-    def leave(_m: nn.Module, _args: tuple, _out: object) -> None:
-        running.pop()
-
-    hooks = []
-    for name, module in model.named_modules():
-        hooks.append(module.register_forward_pre_hook(lambda _m, _a, n=name: running.append(n)))
-        hooks.append(module.register_forward_hook(leave))
-    try:
-        shapes_after = _output_shapes(model, x)
-    except (RuntimeError, ValueError, IndexError) as err:  # what torch raises on bad shapes
-        name = running[-1] if running else ""
-        kind = type(dict(model.named_modules())[name]).__name__
-        raise InconsistentModule(
-            f"pruning left {name or 'the model'} ({kind}) inconsistent: "
-            f"{str(err).splitlines()[0]}. The channel trace missed how it uses its channels; "
-            f"nothing was written. Please report the model; prune.head: false keeps the head "
-            f"whole if the module is in it.",
-            name,
-        ) from err
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with _running_modules(model) as running:
+        try:
+            shapes_after = _output_shapes(model, x)
+        except (RuntimeError, ValueError, IndexError) as err:  # what torch raises on bad shapes
+            name = running[-1] if running else ""
+            kind = type(dict(model.named_modules())[name]).__name__
+            raise InconsistentModule(
+                f"pruning left {name or 'the model'} ({kind}) inconsistent: "
+                f"{str(err).splitlines()[0]}. The channel trace missed how it uses its channels; "
+                f"nothing was written. Please report the model; prune.head: false keeps the head "
+                f"whole if the module is in it.",
+                name,
+            ) from err
     if shapes_after != shapes_before:
         raise UnprunableError(
             f"pruning changed the model's output shapes {shapes_before} -> {shapes_after}; "

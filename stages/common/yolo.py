@@ -24,7 +24,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.nn.modules import Detect
 from ultralytics.nn.tasks import DetectionModel, guess_model_task
 
-from stages.common import layers  # noqa: F401  (classes pruned checkpoints unpickle to)
+from stages.common import layers  # noqa: F401  (the split-replay hooks pruned checkpoints unpickle to)
 from stages.common import params as P
 from stages.common.cli import UserError
 from stages.common.outputs import atomic_path
