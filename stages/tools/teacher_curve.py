@@ -4,7 +4,6 @@
     python -m stages.tools.teacher_curve --epochs 8 16 24 --set baseline.batch=2 baseline.nbs=2 \
         --out reports/teacher_curve/batch2
 
-
 Each budget is a full baseline run (the baseline stage's params with only ``epochs`` changed, so
 the learning-rate schedule and the mosaic switch-off follow the budget as they would in the
 stage), validated on val and on test. Retention figures only mean something when more epochs
@@ -30,6 +29,8 @@ import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
+
+import yaml
 
 from stages import baseline
 from stages.common import cli, yolo
@@ -68,8 +69,6 @@ def converged_at(points: Sequence[dict], plateau: float) -> int | None:
 
 def with_settings(raw: dict, settings: Sequence[str]) -> dict:
     """``raw`` params with each ``section.key=value`` of ``settings`` applied (value as YAML)."""
-    import yaml
-
     changed = copy.deepcopy(raw)
     for setting in settings:
         key, sep, value = setting.partition("=")
