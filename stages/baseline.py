@@ -7,42 +7,52 @@ losses and val metrics, a DVC plot).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionTrainer
 
-from stages.common import cli, yolo
-from stages.common import params as P
-from stages.common.outputs import print_summary, written
-from stages.common.runtime import PROJECT_ROOT
+from stages.pipeline import cli
+from stages.pipeline.outputs import print_summary, written
+from stages.pipeline.params import COMMON, Pattern, Section, Str, load
+from stages.pipeline.runtime import PROJECT_ROOT
+from stages.yolo.models import check_model_source, model_size
+from stages.yolo.training import TRAINING, check_dataset, train, training_args
 
 MODEL_OUT = PROJECT_ROOT / "models" / "baseline.pt"
 RESULTS_OUT = PROJECT_ROOT / "reports" / "baseline" / "results.csv"
 
-SHA256 = P.Pattern(r"|[0-9a-fA-F]{64}", "'' (not checked) or the 64 hex digits of a sha256")
+SHA256 = Pattern(r"|[0-9a-fA-F]{64}", "'' (not checked) or the 64 hex digits of a sha256")
 SCHEMA = {
-    **P.COMMON,
-    "baseline": P.Section({"model": P.Str(), "weights_sha256": SHA256, **yolo.TRAINING}),
+    **COMMON,
+    "baseline": Section({"model": Str(), "weights_sha256": SHA256, **TRAINING}),
 }
 
 
-def main() -> None:
-    params = P.load(SCHEMA)
-    section = params["baseline"]
-    source = yolo.check_model_source("baseline.model", section["model"], section["weights_sha256"])
-    args = yolo.training_args(params, section)
-    yolo.check_dataset()
-
-    model = yolo.YOLO(source, task="detect")
+def train_baseline(
+    params: dict, section: dict, run_name: str, model_out: Path, results_out: Path
+) -> YOLO:
+    """Train ``section`` (a validated ``baseline`` section) from its model source."""
+    source = check_model_source("baseline.model", section["model"], section["weights_sha256"])
+    args = training_args(params, section)
+    check_dataset()
     # The stock trainer: it rebuilds the head for the dataset's classes when fine-tuning a .pt.
-    final = yolo.train(
-        model,
-        "baseline",
-        MODEL_OUT,
-        RESULTS_OUT,
+    return train(
+        YOLO(source, task="detect"),
+        run_name,
+        model_out,
+        results_out,
         trainer=DetectionTrainer,
         pretrained=source.endswith(".pt"),
         **args,
     )
-    size = yolo.model_size(final.model, params["imgsz"])
+
+
+def main() -> None:
+    params = load(SCHEMA)
+    section = params["baseline"]
+    final = train_baseline(params, section, "baseline", MODEL_OUT, RESULTS_OUT)
+    size = model_size(final.model, params["imgsz"])
     print_summary(
         "baseline",
         [

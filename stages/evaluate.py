@@ -20,7 +20,7 @@ model is INT8, for the same model in fp32 on the same runtime (``deployed_fp32``
   with the deployed baseline on the same runtime and precision; the deployed model against the
   PyTorch baseline is reported apart, as the end-to-end speedup, and INT8 against fp32 of the
   same model in the headline. An INT8 model is validated as it is timed: the session that
-  stages/common/quantize.py prepares for this CPU.
+  stages/deploy/onnxrt.py prepares for this CPU.
 
 Writes reports/metrics.json (DVC metrics, keys like ``distilled.ap50``), reports/summary.md (the
 paper's table), and under reports/evaluate/: models.csv and per_class_ap50.csv (DVC plots) with
@@ -41,11 +41,13 @@ import torch
 from PIL import Image
 from ultralytics import YOLO
 
-from stages.common import cli, quantize, yolo
-from stages.common import params as P
-from stages.common.environment import describe_environment
-from stages.common.images import TEST_IMAGES, image_files
-from stages.common.outputs import (
+from stages.compress.pruning import replay  # noqa: F401  (pruned models run its hooks)
+from stages.deploy.onnxrt import as_run_here
+from stages.deploy.timing import engine_runner, latency_ms, onnx_runner, torch_runner
+from stages.pipeline import cli
+from stages.pipeline.environment import describe_environment
+from stages.pipeline.images import TEST_IMAGES, image_files
+from stages.pipeline.outputs import (
     atomic_path,
     print_summary,
     save_figure,
@@ -53,9 +55,12 @@ from stages.common.outputs import (
     write_json,
     written,
 )
-from stages.common.plots import plot_accuracy_vs_cost
-from stages.common.runtime import PROJECT_ROOT, TMP_DIR
-from stages.common.timing import engine_runner, latency_ms, onnx_runner, torch_runner
+from stages.pipeline.params import COMMON, Int, Section, load
+from stages.pipeline.plots import plot_accuracy_vs_cost
+from stages.pipeline.runtime import PROJECT_ROOT, TMP_DIR
+from stages.yolo import RUNS_DIR
+from stages.yolo.models import load_detector, model_size
+from stages.yolo.validation import validate
 
 # The checkpoints of the pipeline, in DAG order: name -> file written by its stage.
 MODELS = {
@@ -97,13 +102,13 @@ MODEL_COLUMNS = (
 )
 
 SCHEMA = {
-    "imgsz": P.COMMON["imgsz"],
-    "device": P.COMMON["device"],
-    "evaluate": P.Section(
+    "imgsz": COMMON["imgsz"],
+    "device": COMMON["device"],
+    "evaluate": Section(
         {
-            "batch": P.Int(1, 1024),
-            "latency_warmup": P.Int(0, 10_000),
-            "latency_repeats": P.Int(1, 100_000),
+            "batch": Int(1, 1024),
+            "latency_warmup": Int(0, 10_000),
+            "latency_repeats": Int(1, 100_000),
         }
     ),
 }
@@ -191,9 +196,9 @@ def accuracy(
     detector: YOLO, run_name: str, params: dict, ground_truth: dict
 ) -> tuple[dict[str, float | None], dict[str, float]]:
     """Headline accuracy (metrics.json) and per-class AP50 of one model on the test split."""
-    predictions_file = yolo.RUNS_DIR / run_name / "predictions.json"
+    predictions_file = RUNS_DIR / run_name / "predictions.json"
     predictions_file.unlink(missing_ok=True)  # ultralytics writes none when nothing is detected
-    results = yolo.validate(
+    results = validate(
         detector,
         run_name,
         "test",
@@ -219,7 +224,7 @@ def accuracy(
 
 
 def size_metrics(size: dict[str, float], file: Path) -> dict[str, float]:
-    """Rounded params/FLOPs/MACs (from yolo.model_size) and the size of the file on disk."""
+    """Rounded params/FLOPs/MACs (from ``model_size``) and the size of the file on disk."""
     return {
         "params_m": round(size["params"] / 1e6, 4),
         "gflops": round(size["flops_g"], 4),
@@ -347,53 +352,63 @@ def plot_per_class(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
-    params = P.load(SCHEMA)
-    cfg, imgsz = params["evaluate"], params["imgsz"]
-    detectors = {name: yolo.load_detector(path) for name, path in MODELS.items()}
+def deployed_rows(params: dict) -> tuple[dict, dict[str, Path]]:
+    """trt_build's record and the artifact of each deployed row; refuses a TensorRT engine on a
+    machine that cannot run it."""
     if not DEPLOY_RECORD.is_file():
         raise cli.UserError(f"{DEPLOY_RECORD} not found: run `dvc repro trt_build` first.")
     record = json.loads(DEPLOY_RECORD.read_text())
-    deployed = record["artifacts"]  # row -> what trt_build deployed for it
-    artifacts = {row: DEPLOY_RECORD.parent / a["artifact"] for row, a in deployed.items()}
-    shape = record["input_shape"]
+    artifacts = {
+        row: DEPLOY_RECORD.parent / a["artifact"] for row, a in record["artifacts"].items()
+    }
     on_gpu = params["device"] != "cpu" and torch.cuda.is_available()
-    tensorrt = record["backend"] == "tensorrt"
-    if tensorrt and not on_gpu:
+    if record["backend"] == "tensorrt" and not on_gpu:
         raise cli.UserError(
             f"{artifacts['deployed']} is a TensorRT engine but params.yaml device is "
             f"{params['device']!r} or no CUDA GPU is visible: evaluate it on the machine it was "
             f"built for."
         )
-    runtime_name = "TensorRT" if tensorrt else "ONNX Runtime"
-    runtimes = {name: "PyTorch" for name in MODELS} | {
-        row: f"{runtime_name} {a['precision']}" for row, a in deployed.items()
-    }
-    sources = {name: name for name in MODELS} | {
-        row: EXPORTED_FROM[a["source"]] for row, a in deployed.items()
-    }
+    return record, artifacts
 
-    # Timed first, all together, before validation starts dataloader workers that compete.
+
+def time_models(
+    detectors: dict[str, YOLO], artifacts: dict[str, Path], record: dict, params: dict
+) -> dict[str, dict[str, list[float]]]:
+    """Latencies (ms per pass) of every model and artifact, per device, all timed in turns before
+    validation starts dataloader workers that compete."""
+    imgsz, section = params["imgsz"], params["evaluate"]
     fused = {name: deepcopy(d.model).fuse(verbose=False) for name, d in detectors.items()}
-    sizes = {name: yolo.model_size(d.model, imgsz) for name, d in detectors.items()}
-    sizes |= {row: sizes[sources[row]] for row in deployed}
     timed = {"cpu": {name: torch_runner(m, imgsz, "cpu") for name, m in fused.items()}}
-    if on_gpu:
+    if params["device"] != "cpu" and torch.cuda.is_available():
         timed["gpu"] = {  # copies: the CPU runners keep theirs on the CPU
             name: torch_runner(deepcopy(m), imgsz, "cuda:0") for name, m in fused.items()
         }
+    tensorrt = record["backend"] == "tensorrt"
     runner = engine_runner if tensorrt else onnx_runner
     timed["gpu" if tensorrt else "cpu"] |= {
-        name: runner(path, shape) for name, path in artifacts.items()
+        name: runner(path, record["input_shape"]) for name, path in artifacts.items()
     }
-    times = {
-        where: latency_ms(runners, cfg["latency_warmup"], cfg["latency_repeats"])
+    return {
+        where: latency_ms(runners, section["latency_warmup"], section["latency_repeats"])
         for where, runners in timed.items()
     }
 
+
+def measure(
+    detectors: dict[str, YOLO],
+    artifacts: dict[str, Path],
+    record: dict,
+    times: dict,
+    params: dict,
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Accuracy, size and speed of every row (metrics.json), and per-class AP50."""
+    imgsz = params["imgsz"]
+    sources = row_sources(record)
+    sizes = {name: model_size(d.model, imgsz) for name, d in detectors.items()}
+    sizes |= {row: sizes[sources[row]] for row in artifacts}
     ground_truth = coco_ground_truth(TEST_IMAGES, TEST_LABELS, len(detectors["baseline"].names))
     evaluated = {**detectors} | {  # an INT8 model is validated as it was timed
-        row: YOLO(str(quantize.as_run_here(path, TMP_DIR / "evaluate")), task="detect")
+        row: YOLO(str(as_run_here(path, TMP_DIR / "evaluate")), task="detect")
         for row, path in artifacts.items()
     }
     files = {**MODELS, **artifacts}
@@ -401,11 +416,31 @@ def main() -> None:
     for name, detector in evaluated.items():
         headline, per_class[name] = accuracy(detector, f"evaluate-{name}", params, ground_truth)
         metrics[name] = {**headline, **size_metrics(sizes[name], files[name])}
-        images_per_pass = shape[0] if name in deployed else 1
+        images_per_pass = record["input_shape"][0] if name in artifacts else 1
         for where, runs in times.items():
             if name in runs:
                 metrics[name] |= speed_metrics(runs[name], images_per_pass, where)
-    names = detectors["baseline"].names
+    return metrics, per_class
+
+
+def row_runtimes(record: dict) -> dict[str, str]:
+    """The runtime (and precision) of every row: PyTorch for checkpoints, the deploy runtime for
+    trt_build's artifacts."""
+    runtime = "TensorRT" if record["backend"] == "tensorrt" else "ONNX Runtime"
+    return {name: "PyTorch" for name in MODELS} | {
+        row: f"{runtime} {a['precision']}" for row, a in record["artifacts"].items()
+    }
+
+
+def row_sources(record: dict) -> dict[str, str]:
+    """The checkpoint every row was built from."""
+    return {name: name for name in MODELS} | {
+        row: EXPORTED_FROM[a["source"]] for row, a in record["artifacts"].items()
+    }
+
+
+def write_reports(metrics: dict, per_class: dict, names: dict, record: dict, params: dict) -> None:
+    """metrics.json, summary.md, environment.json, the plot sources and their PNGs."""
     class_rows = [
         {"class": names[c], **{m: per_class[m].get(names[c]) for m in per_class}}
         for c in sorted(names)
@@ -415,7 +450,9 @@ def main() -> None:
     ]
     write_json(METRICS_OUT, metrics)
     with atomic_path(SUMMARY_OUT) as tmp:
-        tmp.write_text(summary_table(metrics, imgsz, runtimes, sources))
+        tmp.write_text(
+            summary_table(metrics, params["imgsz"], row_runtimes(record), row_sources(record))
+        )
     write_json(ENVIRONMENT_OUT, describe_environment(str(params["device"])))
     write_csv(REPORT_DIR / "models.csv", model_rows)
     write_csv(REPORT_DIR / "per_class_ap50.csv", class_rows)
@@ -427,12 +464,15 @@ def main() -> None:
     )
     plot_per_class(class_rows, REPORT_DIR / "per_class_ap50.png")
 
-    gap = metrics["deployed"]["ap50"] - metrics[DEPLOYED_FROM]["ap50"]
+
+def summary_rows(metrics: dict, record: dict, devices: list[str]) -> list[tuple[str, str]]:
+    """The stage's one-screen summary: one line per row, then the headline."""
+    runtimes, sources = row_runtimes(record), row_sources(record)
     rows = []
     for name, m in metrics.items():
         speed = ", ".join(
             f"{where.upper()} {m[f'{where}_latency_ms']:.2f} ms ({m[f'{where}_fps']:.0f} FPS)"
-            for where in times
+            for where in devices
             if f"{where}_latency_ms" in m
         )
         rows.append(
@@ -443,10 +483,21 @@ def main() -> None:
                 f"{m['gflops']:.2f} GFLOPs  {speed}",
             )
         )
+    gap = metrics["deployed"]["ap50"] - metrics[DEPLOYED_FROM]["ap50"]
     rows.append(("deployed vs PyTorch", f"AP50 {gap:+.4f} ({runtimes['deployed']})"))
     rows.append(("in short", compression_headline(metrics, runtimes, sources).replace("**", "")))
     rows.append(written(METRICS_OUT, SUMMARY_OUT, REPORT_DIR))
-    print_summary("evaluate", rows)
+    return rows
+
+
+def main() -> None:
+    params = load(SCHEMA)
+    detectors = {name: load_detector(path) for name, path in MODELS.items()}
+    record, artifacts = deployed_rows(params)
+    times = time_models(detectors, artifacts, record, params)
+    metrics, per_class = measure(detectors, artifacts, record, times, params)
+    write_reports(metrics, per_class, detectors["baseline"].names, record, params)
+    print_summary("evaluate", summary_rows(metrics, record, list(times)))
 
 
 if __name__ == "__main__":

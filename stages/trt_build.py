@@ -7,7 +7,7 @@ compression, not of the change from PyTorch to another runtime.
 1. Each model is exported to ONNX (static input: ``batch`` x 3 x imgsz x imgsz, opset from params,
    simplified with onnxslim). Its raw output is checked against PyTorch's on random input.
 2. ``precision: int8`` quantizes that ONNX model to an INT8 Q/DQ model (``*.int8.onnx``, see
-   stages/common/quantize.py): static, symmetric, per-channel weights, calibrated on
+   stages/compress/quantize.py): static, symmetric, per-channel weights, calibrated on
    ``calibration_images`` training images, the nodes matched by ``int8_exclude`` kept in float.
    It is checked against TensorRT's rules for explicit quantization, and against the fp32 model
    on ``calibration_images`` val images: if it reproduces less than ``int8_min_agreement`` of
@@ -37,22 +37,37 @@ import numpy as np
 import onnx
 import torch
 
-from stages.common import cli, quantize, yolo
-from stages.common import params as P
-from stages.common.export import TRT_BUILD, build_engine, export_onnx, tensorrt_unavailable
-from stages.common.images import TRAIN_IMAGES, VAL_IMAGES, calibration_batch
-from stages.common.outputs import atomic_path, print_summary, write_json, written
-from stages.common.runtime import PROJECT_ROOT
+from stages.compress import quantize
+from stages.compress.pruning import replay  # noqa: F401  (the pruned model runs its hooks)
+from stages.deploy.agreement import divergence
+from stages.deploy.export import build_engine, export_onnx, tensorrt_unavailable
+from stages.deploy.onnxrt import onnx_session, raw_outputs
+from stages.pipeline import cli
+from stages.pipeline.images import TRAIN_IMAGES, VAL_IMAGES, calibration_batch
+from stages.pipeline.outputs import atomic_path, print_summary, write_json, written
+from stages.pipeline.params import COMMON, Choice, Float, Int, ParamsError, Regexes, Section, load
+from stages.pipeline.runtime import PROJECT_ROOT
+from stages.yolo.models import load_detector
 
 DISTILLED = PROJECT_ROOT / "models" / "distilled.pt"
 BASELINE = PROJECT_ROOT / "models" / "baseline.pt"  # deployed the same way, as the reference
 DEPLOY_DIR = PROJECT_ROOT / "models" / "deploy"
 RECORD_OUT = PROJECT_ROOT / "reports" / "trt_build" / "deploy.json"
 
-SCHEMA = {
-    **{k: P.COMMON[k] for k in ("imgsz", "device")},
-    "trt_build": TRT_BUILD,
-}
+# The trt_build params section (the benchmark tool reads it too).
+TRT_BUILD = Section(
+    {
+        "batch": Int(1, 256),
+        "opset": Int(9, 100),
+        "precision": Choice("fp32", "fp16", "int8"),
+        "workspace_gb": Float(0, 1024, open_lo=True),
+        "calibration_images": Int(0, 100_000),
+        "int8_calibration": Choice("minmax", "percentile", "entropy"),
+        "int8_exclude": Regexes(),
+        "int8_min_agreement": Float(0, 1),
+    }
+)
+SCHEMA = {"imgsz": COMMON["imgsz"], "device": COMMON["device"], "trt_build": TRT_BUILD}
 
 
 def max_exportable_opset() -> int:
@@ -61,30 +76,30 @@ def max_exportable_opset() -> int:
     return int(getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", constants.ONNX_MAX_OPSET))
 
 
-def check_params(cfg: dict) -> None:
+def check_params(section: dict) -> None:
     """The checks a schema cannot make: opset support and int8's calibration data."""
     top = max_exportable_opset()
-    if cfg["opset"] > top:
-        raise P.ParamsError(
-            f"params.yaml: trt_build.opset = {cfg['opset']} cannot be written by the installed "
+    if section["opset"] > top:
+        raise ParamsError(
+            f"params.yaml: trt_build.opset = {section['opset']} cannot be written by the installed "
             f"exporter (torch {torch.__version__} writes opsets up to {top}); use {top} or lower."
         )
-    if cfg["precision"] == "int8" and cfg["calibration_images"] < 1:
-        raise P.ParamsError(
+    if section["precision"] == "int8" and section["calibration_images"] < 1:
+        raise ParamsError(
             "params.yaml: trt_build.precision = 'int8' needs calibration images: set "
             "trt_build.calibration_images to a positive number (e.g. 64)."
         )
 
 
-def int8_images(cfg: dict, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
+def int8_images(section: dict, imgsz: int) -> tuple[np.ndarray, np.ndarray]:
     """``calibration_images`` training images (calibration) and as many val images (the
     agreement check), read once for every model the stage quantizes."""
-    count = cfg["calibration_images"]
+    count = section["calibration_images"]
     return tuple(calibration_batch(d, count, imgsz).numpy() for d in (TRAIN_IMAGES, VAL_IMAGES))
 
 
 def quantize_checked(
-    fp32: Path, out: Path, cfg: dict, images: tuple[np.ndarray, np.ndarray]
+    fp32: Path, out: Path, section: dict, images: tuple[np.ndarray, np.ndarray]
 ) -> dict[str, Any]:
     """Write the INT8 Q/DQ model of ``fp32`` to ``out``, check it, and describe it; ``images``
     are :func:`int8_images`.
@@ -95,29 +110,27 @@ def quantize_checked(
     """
     calibration, check = images
     kept_float = quantize.quantize_int8(
-        fp32, out, calibration, cfg["int8_exclude"], cfg["int8_calibration"]
+        fp32, out, calibration, section["int8_exclude"], section["int8_calibration"]
     )
     model = onnx.load(out)
     problems = quantize.tensorrt_rule_violations(model)
     if problems:
         raise RuntimeError(f"{out} breaks TensorRT's Q/DQ rules: {'; '.join(problems[:5])}")
-    reference = quantize.raw_outputs(quantize.onnx_session(fp32), check)
-    divergence = quantize.divergence(
-        reference, quantize.raw_outputs(quantize.onnx_session(out), check)
-    )
+    reference = raw_outputs(onnx_session(fp32), check)
+    moved = divergence(reference, raw_outputs(onnx_session(out), check))
     record = {
-        "calibration": f"{len(calibration)} training images, {cfg['int8_calibration']}",
+        "calibration": f"{len(calibration)} training images, {section['int8_calibration']}",
         "kept_float_nodes": len(kept_float),
         **quantize.quantization_summary(model),
         "check_images": len(check),
-        **{f"vs_fp32_{k}": v for k, v in divergence.items()},
+        **{f"vs_fp32_{k}": v for k, v in moved.items()},
     }
-    if divergence["f1"] < cfg["int8_min_agreement"]:
+    if moved["f1"] < section["int8_min_agreement"]:
         raise cli.UserError(
-            f"the INT8 model {out.name} reproduces only {divergence['f1']:.3f} (F1) of the fp32 "
+            f"the INT8 model {out.name} reproduces only {moved['f1']:.3f} (F1) of the fp32 "
             f"model's detections on {len(check)} val images, below trt_build.int8_min_agreement = "
-            f"{cfg['int8_min_agreement']} (largest class-score change "
-            f"{divergence['max_abs_score_diff']:.3f}): nothing was deployed. Keep more of the "
+            f"{section['int8_min_agreement']} (largest class-score change "
+            f"{moved['max_abs_score_diff']:.3f}): nothing was deployed. Keep more of the "
             f"model in float (trt_build.int8_exclude), calibrate on more images or with another "
             f"trt_build.int8_calibration, or deploy with trt_build.precision: fp32."
         )
@@ -128,7 +141,7 @@ def deploy(
     stem: str,
     folder: Path,
     precisions: list[str],
-    cfg: dict,
+    section: dict,
     images: tuple[np.ndarray, np.ndarray] | None,
     backend: str,
 ) -> dict[str, dict[str, Any]]:
@@ -141,11 +154,11 @@ def deploy(
         source, record = onnx_path, {}
         if precision == "int8":
             source = folder / f"{stem}.int8.onnx"
-            record["int8"] = quantize_checked(onnx_path, source, cfg, images)
+            record["int8"] = quantize_checked(onnx_path, source, section, images)
         if backend == "tensorrt":
-            suffix = "" if precision == cfg["precision"] else f".{precision}"
+            suffix = "" if precision == section["precision"] else f".{precision}"
             artifact = folder / f"{stem}{suffix}.engine"
-            record.update(build_engine(source, artifact, precision, cfg["workspace_gb"]))
+            record.update(build_engine(source, artifact, precision, section["workspace_gb"]))
         else:  # ONNX Runtime on the CPU: fp32, or the INT8 Q/DQ model
             artifact = source
             precision = "int8" if precision == "int8" else "fp32"
@@ -159,41 +172,43 @@ def deploy(
 
 
 def main() -> None:
-    params = P.load(SCHEMA)
-    cfg = params["trt_build"]
-    check_params(cfg)
+    params = load(SCHEMA)
+    section = params["trt_build"]
+    check_params(section)
     imgsz = params["imgsz"]
     sources = {"model": DISTILLED, "baseline": BASELINE}
     for path in sources.values():  # a clear error for a missing or wrong checkpoint, first
-        yolo.load_detector(path)
+        load_detector(path)
 
     reason = tensorrt_unavailable(str(params["device"]))
     backend = "onnxruntime" if reason else "tensorrt"
     # int8 is compared with fp32 of the same model on the same runtime (the deployed_fp32 row).
-    precisions = [cfg["precision"], "fp32"] if cfg["precision"] == "int8" else [cfg["precision"]]
+    precisions = (
+        [section["precision"], "fp32"] if section["precision"] == "int8" else [section["precision"]]
+    )
     record: dict[str, Any] = {
         "backend": backend,
-        "requested_precision": cfg["precision"],
-        "input_shape": [cfg["batch"], 3, imgsz, imgsz],
-        "opset": cfg["opset"],
+        "requested_precision": section["precision"],
+        "input_shape": [section["batch"], 3, imgsz, imgsz],
+        "opset": section["opset"],
     }
     if reason:
         record["no_engine_because"] = reason
-    images = int8_images(cfg, imgsz) if cfg["precision"] == "int8" else None
+    images = int8_images(section, imgsz) if section["precision"] == "int8" else None
     with atomic_path(DEPLOY_DIR) as tmp:
         tmp.mkdir()
         record["onnx"], deployed = {}, {}
         # The model first: a bad int8 exclusion fails on its graph before the baseline's work.
         for stem, source in sources.items():
             onnx_path = tmp / f"{stem}.onnx"
-            diff = export_onnx(source, onnx_path, imgsz, cfg["batch"], cfg["opset"])
+            diff = export_onnx(source, onnx_path, imgsz, section["batch"], section["opset"])
             record["onnx"][stem] = {
                 "source": str(source.relative_to(PROJECT_ROOT)),
                 "max_abs_diff_vs_torch": diff,
                 "mb": round(onnx_path.stat().st_size / 2**20, 3),
             }
             wanted = precisions if stem == "model" else precisions[:1]
-            deployed[stem] = deploy(stem, tmp, wanted, cfg, images, backend)
+            deployed[stem] = deploy(stem, tmp, wanted, section, images, backend)
         model, baseline = deployed["model"], deployed["baseline"]
         main_precision = next(iter(model))
         record["artifacts"] = {

@@ -25,16 +25,17 @@ from ultralytics import YOLO
 from ultralytics.utils.dist import ddp_cleanup, generate_ddp_file
 
 from stages import distill, sparse_train
-from stages.common import params as P
-from stages.common import yolo
+from stages.pipeline.params import load
+from stages.yolo.models import load_detector
+from stages.yolo.training import run_args, training_args
 
 
 def run_worker(trainer_class: type, model: YOLO, run_name: str, args: dict[str, Any]) -> dict:
     """Build the trainer as ultralytics 8.4's Model.train does, write its DDP worker script, run
     the script in a new process, and return the last row of that run's results.csv."""
-    overrides = {**model.overrides, "task": model.task, **yolo.run_args(run_name, **args)}
+    overrides = {**model.overrides, "task": model.task, **run_args(run_name, **args)}
     trainer = trainer_class(overrides={**overrides, "mode": "train"}, _callbacks=model.callbacks)
-    trainer.model = trainer.get_model(weights=model.model, cfg=model.model.yaml)
+    trainer.model = trainer.get_model(weights=model.model, section=model.model.yaml)
     script = generate_ddp_file(trainer)
     try:
         subprocess.run([sys.executable, script], check=True)
@@ -46,25 +47,25 @@ def run_worker(trainer_class: type, model: YOLO, run_name: str, args: dict[str, 
 
 
 def main() -> None:
-    params = P.load(sparse_train.SCHEMA)
-    cfg = params["sparse_train"]
-    trainer = sparse_train.sparse_trainer(cfg, ap50_start=0.0)
+    params = load(sparse_train.SCHEMA)
+    section = params["sparse_train"]
+    trainer = sparse_train.sparse_trainer(section, ap50_start=0.0)
     worker = run_worker(
         trainer,
-        yolo.load_detector(sparse_train.BASELINE),
+        load_detector(sparse_train.BASELINE),
         "ddp-sparse_train",
-        yolo.training_args(params, cfg),
+        training_args(params, section),
     )
-    print(json.dumps({"trainer": "sparse_train", "coefficient": cfg["coefficient"], **worker}))
+    print(json.dumps({"trainer": "sparse_train", "coefficient": section["coefficient"], **worker}))
 
-    params = P.load(distill.SCHEMA)
+    params = load(distill.SCHEMA)
     # Random aligners: a CWD term large enough to show in results.csv's five decimals.
-    cfg = {**params["distill"], "aligner_fit_images": 0}
-    student = yolo.load_detector(distill.STUDENT)
-    teacher = yolo.load_detector(distill.TEACHERS[cfg["teacher"]])
-    trainer = distill.distill_trainer(cfg, student, teacher, params["imgsz"])
-    worker = run_worker(trainer, student, "ddp-distill", yolo.training_args(params, cfg))
-    print(json.dumps({"trainer": "distill", "weight": cfg["weight"], **worker}))
+    section = {**params["distill"], "aligner_fit_images": 0}
+    student = load_detector(distill.STUDENT)
+    teacher = load_detector(distill.TEACHERS[section["teacher"]])
+    trainer = distill.trainer_for(section, student, teacher, params["imgsz"])
+    worker = run_worker(trainer, student, "ddp-distill", training_args(params, section))
+    print(json.dumps({"trainer": "distill", "weight": section["weight"], **worker}))
 
 
 if __name__ == "__main__":

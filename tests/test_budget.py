@@ -11,18 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.common import budget as B
-from stages.common import yolo
-from stages.common.cli import UserError
-from stages.common.pruning import apply, bn_gammas, plan, trace
+from stages.compress.pruning import budget
+from stages.compress.pruning.importance import bn_gammas, plan
+from stages.compress.pruning.surgery import remove_channels
+from stages.pipeline.cli import UserError
 from stages.prune import LATENCY_STEPS, active_budget, choose_plan, latency_measure
+from stages.yolo.models import model_size
+from stages.yolo.pruning import channel_graph
 from tests.test_prune import _model
 
 IMGSZ = 128
 
 
 @pytest.mark.parametrize(
-    ("cfg", "ratio", "method", "cost_aware"),
+    ("config", "ratio", "method", "cost_aware"),
     [
         ("yolov8n.yaml", 0.3, "global", False),
         ("yolov8n.yaml", 0.6, "uniform", False),
@@ -31,21 +33,21 @@ IMGSZ = 128
     ],
 )
 def test_plan_cost_is_exactly_thops_count_after_surgery(
-    cfg: str, ratio: float, method: str, cost_aware: bool
+    config: str, ratio: float, method: str, cost_aware: bool
 ) -> None:
-    model = _model(cfg, seed=2)
-    graph = trace(model)
-    shapes = B.conv_shapes(model, IMGSZ)
-    saved = B.channel_macs(shapes, graph.inputs) if cost_aware else None
+    model = _model(config, seed=2)
+    graph = channel_graph(model)
+    shapes = budget.conv_shapes(model, IMGSZ)
+    saved = budget.channel_macs(shapes, graph.inputs) if cost_aware else None
     chosen = plan(graph, bn_gammas(model), ratio, method, 8, 8, macs_saved=saved)
-    params, macs = B.pruned_cost(shapes, graph.inputs, chosen.removed)
-    before = yolo.model_size(model, IMGSZ)
-    assert B.pruned_cost(shapes, graph.inputs, set()) == (
+    params, macs = budget.pruned_cost(shapes, graph.inputs, chosen.removed)
+    before = model_size(model, IMGSZ)
+    assert budget.pruned_cost(shapes, graph.inputs, set()) == (
         before["params"],
         round(before["macs_g"] * 1e9),
     )
-    apply(model, graph, chosen.removed, torch.rand(1, 3, 64, 64))
-    after = yolo.model_size(model, IMGSZ)
+    remove_channels(model, graph, chosen.removed, torch.rand(1, 3, 64, 64))
+    after = model_size(model, IMGSZ)
     assert params == after["params"] < before["params"]
     assert macs == round(after["macs_g"] * 1e9)
 
@@ -54,15 +56,15 @@ def test_bisection_finds_the_smallest_ratio_within_the_target() -> None:
     def steps(ratio: float) -> float:  # 100 at ratio 0, down by 10 per tenth
         return 100 - 10 * math.floor(ratio * 10)
 
-    found = B.smallest_ratio_within(steps, 55, unpruned=steps(0))
+    found = budget.smallest_ratio_within(steps, 55, unpruned=steps(0))
     assert (found.ratio, found.achieved) == (0.5, 50)  # on the 1e-6 grid: recorded = used
     # One grid step less pruning misses the target: the ratio is as small as it can be.
     assert (0.499999, 60) in found.tried
-    with pytest.raises(B.Unreachable) as err:
-        B.smallest_ratio_within(steps, 5, unpruned=100)  # even ratio ~1 leaves 10
+    with pytest.raises(budget.Unreachable) as err:
+        budget.smallest_ratio_within(steps, 5, unpruned=100)  # even ratio ~1 leaves 10
     assert (err.value.smallest, err.value.largest) == (10, 100)
-    with pytest.raises(B.AlreadyMet) as met:
-        B.smallest_ratio_within(steps, 100, unpruned=100)  # nothing to prune for
+    with pytest.raises(budget.AlreadyMet) as met:
+        budget.smallest_ratio_within(steps, 100, unpruned=100)  # nothing to prune for
     assert met.value.unpruned == 100
 
     # Where the first grid step already removes something (round_to 1, odd layer sizes), a
@@ -70,13 +72,13 @@ def test_bisection_finds_the_smallest_ratio_within_the_target() -> None:
     def first_step_removes(ratio: float) -> float:
         return 100 if ratio == 0 else 90
 
-    found = B.smallest_ratio_within(first_step_removes, 95, unpruned=100)
+    found = budget.smallest_ratio_within(first_step_removes, 95, unpruned=100)
     assert (found.ratio, found.achieved) == (1e-6, 90)
 
 
 def test_max_layer_ratio_caps_every_space() -> None:
     model = _model("yolov8n.yaml", seed=4)
-    graph = trace(model)
+    graph = channel_graph(model)
     chosen = plan(graph, bn_gammas(model), 0.9, "global", 1, 1, max_layer_ratio=0.5)
     for space in chosen.spaces:
         size = space.fixed + len(space.groups)
@@ -88,7 +90,7 @@ def test_max_layer_ratio_caps_every_space() -> None:
 def test_cost_aware_scores_rank_the_expensive_channel_of_two_alike_lower() -> None:
     cheap, costly = [("a", 0)], [("b", 0)]
     importance = {id(cheap): 0.5, id(costly): 0.5}
-    ranked = B.cost_aware(importance, [cheap, costly], {("a", 0): 10, ("b", 0): 1000})
+    ranked = budget.cost_aware(importance, [cheap, costly], {("a", 0): 10, ("b", 0): 1000})
     assert ranked[id(costly)] < ranked[id(cheap)]  # less important per MAC: removed first
     assert ranked[id(cheap)] == pytest.approx(0.05)
 
@@ -98,21 +100,21 @@ def test_channel_macs_by_hand() -> None:
     removing one of the first conv's channels saves 64 x 4 x 9 of its own and 64 x 5 x 1 of
     the reader's MACs."""
     shapes = {
-        "first": B.ConvShape(4, 6, 1, 9, 64, True),
-        "reader": B.ConvShape(6, 5, 1, 1, 64, True),
+        "first": budget.ConvShape(4, 6, 1, 9, 64, True),
+        "reader": budget.ConvShape(6, 5, 1, 1, 64, True),
     }
     inputs = {"reader": [("first", i) for i in range(6)]}
-    saved = B.channel_macs(shapes, inputs)
+    saved = budget.channel_macs(shapes, inputs)
     assert saved[("first", 2)] == 64 * 4 * 9 + 64 * 5
     assert saved[("reader", 0)] == 64 * 6
-    params, macs = B.pruned_cost(shapes, inputs, {("first", 2)})
+    params, macs = budget.pruned_cost(shapes, inputs, {("first", 2)})
     assert params == (5 * 4 * 9 + 5) + (5 * 5 + 5)
     assert macs == 64 * 5 * 4 * 9 + 64 * 5 * 5
 
 
 def _params(imgsz: int = IMGSZ, **overrides: object) -> dict:
     """A validated prune SCHEMA with ``overrides`` in its prune section (``budget`` merged)."""
-    cfg = {
+    section = {
         "ratio": 0.5,
         "method": "global",
         "min_channels": 8,
@@ -121,14 +123,14 @@ def _params(imgsz: int = IMGSZ, **overrides: object) -> dict:
         "importance": "gamma",
         "budget": {"params_m": None, "gflops": None, "latency_ms": None, "runtime": "torch-cpu"},
     }
-    budget = {**cfg["budget"], **overrides.pop("budget", {})}
-    return {"imgsz": imgsz, "device": "cpu", "prune": {**cfg, **overrides, "budget": budget}}
+    targets = {**section["budget"], **overrides.pop("budget", {})}
+    return {"imgsz": imgsz, "device": "cpu", "prune": {**section, **overrides, "budget": targets}}
 
 
 @pytest.fixture(scope="module")
 def traced() -> tuple:
     model = _model("yolov8n.yaml", seed=6)
-    return model, trace(model), bn_gammas(model)
+    return model, channel_graph(model), bn_gammas(model)
 
 
 def test_a_cost_aware_plan_removes_the_most_expensive_groups_first(traced: tuple) -> None:
@@ -136,7 +138,7 @@ def test_a_cost_aware_plan_removes_the_most_expensive_groups_first(traced: tuple
     they save: none kept (where no cap intervened) saves more than one removed."""
     model, graph, gammas = traced
     equal = {name: torch.ones_like(g) for name, g in gammas.items()}
-    saved = B.channel_macs(B.conv_shapes(model, IMGSZ), graph.inputs)
+    saved = budget.channel_macs(budget.conv_shapes(model, IMGSZ), graph.inputs)
     chosen = plan(graph, equal, 0.2, "global", 1, 1, macs_saved=saved)
 
     def cost(group: list) -> int:
@@ -161,15 +163,15 @@ def test_a_params_or_flops_budget_is_met_within_one_step(
     model, graph, gammas = traced
     params = _params(importance=importance, budget={key: target})
     chosen, how = choose_plan(model, graph, gammas, params, ())
-    shapes = B.conv_shapes(model, IMGSZ)
-    count, macs = B.pruned_cost(shapes, graph.inputs, chosen.removed)
+    shapes = budget.conv_shapes(model, IMGSZ)
+    count, macs = budget.pruned_cost(shapes, graph.inputs, chosen.removed)
     achieved = count / 1e6 if key == "params_m" else 2 * macs / 1e9
     assert how["budget_achieved"] == pytest.approx(achieved, rel=1e-5) and achieved <= target
     assert how["ratio_from"] == f"searched for prune.budget.{key}" and how["budget_key"] == key
     # One grid step less pruning than the ratio recorded (and used) is over the target.
-    per_mac = B.channel_macs(shapes, graph.inputs) if importance == "gamma_per_flop" else None
+    per_mac = budget.channel_macs(shapes, graph.inputs) if importance == "gamma_per_flop" else None
     below = plan(graph, gammas, how["ratio"] - 1e-6, "global", 8, 8, macs_saved=per_mac)
-    count, macs = B.pruned_cost(shapes, graph.inputs, below.removed)
+    count, macs = budget.pruned_cost(shapes, graph.inputs, below.removed)
     assert (count / 1e6 if key == "params_m" else 2 * macs / 1e9) > target
 
 
@@ -179,7 +181,7 @@ def test_an_unreachable_or_already_met_budget_names_the_reachable_range(traced: 
         choose_plan(model, graph, gammas, _params(budget={"gflops": 0.001}), ())
     smallest, largest = re.search(r"Set a value in \[([\d.]+), ([\d.]+)\)", str(err.value)).groups()
     assert 0.001 < float(smallest) < float(largest)
-    assert float(largest) == pytest.approx(yolo.model_size(model, IMGSZ)["flops_g"], rel=1e-3)
+    assert float(largest) == pytest.approx(model_size(model, IMGSZ)["flops_g"], rel=1e-3)
     with pytest.raises(UserError, match="already met by the unpruned model") as err:
         choose_plan(model, graph, gammas, _params(budget={"params_m": 100.0}), ())
     assert "Set a value below 3.0" in str(err.value)  # yolov8n, 10 classes: 3.0 M fused params

@@ -15,7 +15,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from stages.common import cli
+from stages.pipeline import cli
 from stages.tools.constraints import PROJECT
 from tests.conftest import PROJECT_ROOT, STAGES
 from tests.test_pipeline import make_repo
@@ -165,7 +165,7 @@ def test_a_genuine_bug_in_a_subprocess_shows_its_traceback(
     fresh_checkout: tuple[Path, dict[str, str]],
 ) -> None:
     repo, env = fresh_checkout
-    done = _python(["-c", "from stages.common import cli; cli.run(lambda: 1 / 0)"], repo, env)
+    done = _python(["-c", "from stages.pipeline import cli; cli.run(lambda: 1 / 0)"], repo, env)
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "ZeroDivisionError" in done.stderr
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stages.common.images import image_files
-from stages.dataset import (
+from stages.dataset import visdrone_splits
+from stages.datasets.visdrone import (
     DatasetError,
     convert_annotations,
     convert_split,
     parse_line,
-    raw_splits,
     split_by_sequence,
 )
+from stages.pipeline.images import image_files
 
 # From ../shared/visdrone-sample/README.md: annotation lines per category in the 137 images.
 SAMPLE_PER_CATEGORY = {
@@ -174,32 +174,26 @@ def test_val_is_split_by_video_sequence_into_val_and_test(visdrone_sample: Path)
     assert len(halves["val"]) > 30 and len(halves["test"]) > 30
 
 
-def _visdrone_params(root: Path, test_dir: str) -> dict:
+def _visdrone_section(root: Path, test_dir: str) -> dict:
     return {
-        "seed": 0,
-        "dataset": {
-            "source": "visdrone",
-            "visdrone": {
-                "root": str(root),
-                "train_dir": "train",
-                "val_dir": "val",
-                "test_dir": test_dir,
-                "max_images": 0,
-            },
-        },
+        "root": str(root),
+        "train_dir": "train",
+        "val_dir": "val",
+        "test_dir": test_dir,
+        "max_images": 0,
     }
 
 
 def test_test_dev_is_used_when_present_and_a_single_sequence_is_refused(tmp_path: Path) -> None:
     for split in ("train", "val", "test-dev"):
         _tiny_split(tmp_path / split)
-    splits = raw_splits(_visdrone_params(tmp_path, "test-dev"), tmp_path)
+    splits = visdrone_splits(_visdrone_section(tmp_path, "test-dev"))
     assert splits["test"] == (tmp_path / "test-dev", 0, None)
     assert splits["val"] == (tmp_path / "val", 0, None)
     # Without test-dev, val (here: one sequence, "im0"/"im1" are two) is divided.
-    splits = raw_splits(_visdrone_params(tmp_path, "absent"), tmp_path)
+    splits = visdrone_splits(_visdrone_section(tmp_path, "absent"))
     assert [p.name for p in splits["val"][2]] == ["im0.jpg"]
     assert [p.name for p in splits["test"][2]] == ["im1.jpg"]
     (tmp_path / "val" / "images" / "im1.jpg").unlink()
     with pytest.raises(DatasetError, match="single video sequence"):
-        raw_splits(_visdrone_params(tmp_path, "absent"), tmp_path)
+        visdrone_splits(_visdrone_section(tmp_path, "absent"))

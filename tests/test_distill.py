@@ -12,20 +12,13 @@ import torch
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
-from stages.common.cli import UserError
-from stages.common.params import ParamsError
-from stages.common.yolo import configured_trainer
-from stages.distill import (
-    SCHEMA,
-    CWDCriterion,
-    DistillTrainer,
-    check_levels,
-    cwd_loss,
-    fit_aligner,
-    head_features,
-    make_aligners,
-    weights_per_level,
-)
+from stages.compress.cwd import cwd_loss, fit_aligner, make_aligners
+from stages.distill import SCHEMA, weights_per_level
+from stages.pipeline.cli import UserError
+from stages.pipeline.params import ParamsError
+from stages.yolo.distill_trainer import CWDCriterion, DistillTrainer, check_levels
+from stages.yolo.heads import head_features
+from stages.yolo.training import configured_trainer
 from tests.test_params import expect_param_error
 from tests.test_prune import _pruned_model
 

@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stages.common import distributed
-from stages.common.yolo import configured_trainer
-from stages.sparse_train import PenaltySchedule, SparseTrainer
+from stages.compress.sparsity import PenaltySchedule
+from stages.yolo import distributed
+from stages.yolo.sparse_trainer import SparseTrainer
+from stages.yolo.training import configured_trainer
 
 
 def _worker(rank: int, world: int, init_file: str, results: Path) -> None:
@@ -74,7 +75,7 @@ def test_configured_trainers_carry_their_own_settings_by_value() -> None:
         SparseTrainer, schedule=PenaltySchedule("constant", 0.1, 3), near_zero=0.05
     )
     weak = configured_trainer(SparseTrainer, schedule=PenaltySchedule("constant", 0.001, 3))
-    assert issubclass(strong, SparseTrainer) and strong.__module__ == "stages.sparse_train"
+    assert issubclass(strong, SparseTrainer) and strong.__module__ == "stages.yolo.sparse_trainer"
     assert strong.schedule.base == 0.1 and weak.schedule.base == 0.001  # no shared state
     assert weak.near_zero == SparseTrainer.near_zero == 0.01 and strong.near_zero == 0.05
     assert not hasattr(SparseTrainer, "schedule")  # the importable class stays bare
@@ -89,7 +90,11 @@ def test_configured_trainers_carry_their_own_settings_by_value() -> None:
         capture_output=True,
         check=True,
     )
-    assert shipped.stdout.decode().split() == ["0.1", "0.05", "stages.sparse_train.SparseTrainer"]
+    assert shipped.stdout.decode().split() == [
+        "0.1",
+        "0.05",
+        "stages.yolo.sparse_trainer.SparseTrainer",
+    ]
 
 
 def test_an_undeclared_setting_is_refused() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.dataset import convert_split
+from stages.datasets.visdrone import convert_split
 from stages.evaluate import coco_ground_truth, coco_size_ap, summary_table
 from tests.conftest import VISDRONE_SAMPLE
 

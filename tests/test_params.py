@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import hashlib
 import importlib
@@ -13,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common import params as P
-from stages.common import yolo
-from stages.common.cli import UserError
+from stages.pipeline.cli import UserError
+from stages.pipeline.params import DEVICE, Int, ParamsError, load, validate
+from stages.yolo.models import check_model_source
 from tests.conftest import PROJECT_ROOT, STAGES
 
 
@@ -31,14 +32,14 @@ def expect_param_error(schema: dict, section: str, key: str, value: object, mess
     """params.yaml with ``section.key = value`` must fail validation with ``message``."""
     raw = _raw()
     raw[section][key] = value
-    with pytest.raises(P.ParamsError) as err:
-        P.validate(schema, raw)
+    with pytest.raises(ParamsError) as err:
+        validate(schema, raw)
     assert message in str(err.value)
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_params_yaml_is_valid_for_every_stage(stage: str) -> None:
-    P.validate(_schema(stage), _raw())
+    validate(_schema(stage), _raw())
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -48,24 +49,42 @@ def test_dvc_yaml_declares_exactly_the_params_each_stage_reads(stage: str) -> No
     assert sorted(dvc["stages"][stage]["params"]) == sorted(_schema(stage))
 
 
+_IMPORTED_FILES = """
+import sys, stages.{stage}
+print(' '.join(sorted({{m.__file__ for n, m in list(sys.modules.items())
+                        if n.startswith('stages.') and getattr(m, '__file__', None)}})))
+"""
+
+
+def _docstring_only(path: Path) -> bool:
+    return all(
+        isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        for node in ast.parse(path.read_text()).body
+    )
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_dvc_yaml_declares_exactly_the_code_each_stage_imports(stage: str) -> None:
-    """A stage's code deps are the project modules it imports, no more and no fewer."""
-    code = (
-        f"import sys, stages.{stage}; "
-        "print(' '.join(sorted(m for m in sys.modules if m.startswith('stages.'))))"
-    )
+    """A stage's code deps are the project files it imports, no more and no fewer (a package's
+    __init__ that holds only a docstring can change nothing, and is left out)."""
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _IMPORTED_FILES.format(stage=stage)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    imported = {
-        "stages/" + m.removeprefix("stages.").replace(".", "/") + ".py"
-        for m in done.stdout.split()
-        if m != "stages.common"
-    }
+    files = {Path(f).resolve().relative_to(PROJECT_ROOT) for f in done.stdout.split()}
+    imported = {str(f) for f in files if not (f.name == "__init__.py" and _docstring_only(f))}
     dvc = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
     declared = {d for d in dvc["stages"][stage]["deps"] if d.startswith("stages/")}
     assert declared == imported
+
+
+def test_the_teacher_depends_on_no_algorithm() -> None:
+    """Changing the method never retrains the baseline (the costliest stage)."""
+    dvc = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+    assert not [d for d in dvc["stages"]["baseline"]["deps"] if d.startswith("stages/compress")]
 
 
 def test_every_params_yaml_section_is_read_by_some_stage() -> None:
@@ -126,8 +145,8 @@ def test_bad_values_name_key_value_and_rule(
     for key in path[:-1]:
         node = node[key]
     node[path[-1]] = value
-    with pytest.raises(P.ParamsError) as err:
-        P.validate(_schema(stage), raw)
+    with pytest.raises(ParamsError) as err:
+        validate(_schema(stage), raw)
     assert message in str(err.value)
     assert "dvc exp run -S" in str(err.value)
 
@@ -135,53 +154,51 @@ def test_bad_values_name_key_value_and_rule(
 def test_unknown_key_is_rejected_with_the_allowed_ones() -> None:
     raw = _raw()
     raw["baseline"]["epoch"] = 3
-    with pytest.raises(P.ParamsError, match=r"unknown key baseline\.epoch; the keys allowed"):
-        P.validate(_schema("baseline"), raw)
+    with pytest.raises(ParamsError, match=r"unknown key baseline\.epoch; the keys allowed"):
+        validate(_schema("baseline"), raw)
 
 
 def test_missing_key_is_named() -> None:
     raw = _raw()
     del raw["dataset"]["synthetic"]["objects_max"]
-    with pytest.raises(P.ParamsError, match=r"missing key dataset\.synthetic\.objects_max"):
-        P.validate(_schema("dataset"), raw)
+    with pytest.raises(ParamsError, match=r"missing key dataset\.synthetic\.objects_max"):
+        validate(_schema("dataset"), raw)
 
 
 def test_device_accepts_cpu_and_indices() -> None:
     for value, expected in (("cpu", "cpu"), (0, "0"), ("0,1", "0,1")):
-        assert P.DEVICE.check("device", value) == expected
+        assert DEVICE.check("device", value) == expected
 
 
 def test_any_ultralytics_detector_config_is_a_model_and_the_rest_is_refused() -> None:
-    from stages.common.yolo import check_model_source
-
-    for cfg in ("yolov8m.yaml", "yolov8n-p2.yaml", "yolo11n.yaml", "yolo26n.yaml"):
-        assert check_model_source("baseline.model", cfg) == cfg
-    with pytest.raises(P.ParamsError, match=r"'yolov9z\.yaml' does not build a model"):
+    for config in ("yolov8m.yaml", "yolov8n-p2.yaml", "yolo11n.yaml", "yolo26n.yaml"):
+        assert check_model_source("baseline.model", config) == config
+    with pytest.raises(ParamsError, match=r"'yolov9z\.yaml' does not build a model"):
         check_model_source("baseline.model", "yolov9z.yaml")
-    with pytest.raises(P.ParamsError, match="has a Segment head for segment, not detection"):
+    with pytest.raises(ParamsError, match="has a Segment head for segment, not detection"):
         check_model_source("baseline.model", "yolov8n-seg.yaml")
-    with pytest.raises(P.ParamsError, match="ending in RTDETRDecoder, not a YOLO detection"):
+    with pytest.raises(ParamsError, match="ending in RTDETRDecoder, not a YOLO detection"):
         check_model_source("baseline.model", "rtdetr-l.yaml")
-    with pytest.raises(P.ParamsError, match="is not a model: expected an ultralytics detection"):
+    with pytest.raises(ParamsError, match="is not a model: expected an ultralytics detection"):
         check_model_source("baseline.model", "yolov8n")
-    with pytest.raises(P.ParamsError, match="no such file"):
+    with pytest.raises(ParamsError, match="no such file"):
         check_model_source("baseline.model", "weights/missing.pt")
 
 
 def test_imgsz_must_be_a_multiple_of_32() -> None:
     raw = _raw()
     raw["imgsz"] = 100
-    with pytest.raises(P.ParamsError, match=r"imgsz = 100 is invalid: .* multiple of 32"):
-        P.validate(_schema("evaluate"), raw)
+    with pytest.raises(ParamsError, match=r"imgsz = 100 is invalid: .* multiple of 32"):
+        validate(_schema("evaluate"), raw)
 
 
 def test_malformed_params_file(tmp_path) -> None:
     bad = tmp_path / "params.yaml"
     bad.write_text("seed: [1,\n")
-    with pytest.raises(P.ParamsError, match="not valid YAML"):
-        P.load({"seed": P.Int(0)}, bad)
-    with pytest.raises(P.ParamsError, match="not found"):
-        P.load({"seed": P.Int(0)}, tmp_path / "nope.yaml")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load({"seed": Int(0)}, bad)
+    with pytest.raises(ParamsError, match="not found"):
+        load({"seed": Int(0)}, tmp_path / "nope.yaml")
 
 
 class _TouchOnUnpickle:
@@ -200,15 +217,15 @@ def test_weights_are_hashed_before_they_are_unpickled(tmp_path: Path) -> None:
     weights.write_bytes(pickle.dumps(_TouchOnUnpickle(marker)))
     right = hashlib.sha256(weights.read_bytes()).hexdigest()
     with pytest.raises(UserError, match=f"sha256 is {right}, not the expected {'0' * 64}"):
-        yolo.check_model_source("baseline.model", str(weights), "0" * 64)
+        check_model_source("baseline.model", str(weights), "0" * 64)
     assert not marker.exists()
-    assert yolo.check_model_source("baseline.model", str(weights), right.upper()) == str(weights)
+    assert check_model_source("baseline.model", str(weights), right.upper()) == str(weights)
     assert not marker.exists()  # checking never loads it either
 
 
 def test_a_sha256_for_a_config_or_a_malformed_one_is_refused() -> None:
-    with pytest.raises(P.ParamsError, match=r"a sha256 is given for baseline\.model"):
-        yolo.check_model_source("baseline.model", "yolov8n.yaml", "a" * 64)
+    with pytest.raises(ParamsError, match=r"a sha256 is given for baseline\.model"):
+        check_model_source("baseline.model", "yolov8n.yaml", "a" * 64)
     expect_param_error(
         _schema("baseline"), "baseline", "weights_sha256", "abc123", "64 hex digits of a sha256"
     )

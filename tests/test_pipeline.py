@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.runtime import has_avx2
 from stages.evaluate import MODELS
+from stages.pipeline.runtime import has_avx2
 from stages.tools.pareto import experiments
 from tests.conftest import PROJECT_ROOT, STAGES
 
@@ -185,7 +185,7 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
 
     # The checkpoint is a regular ultralytics detection model.
     check = (
-        "from stages.common.yolo import load_detector; "
+        "from stages.yolo.models import load_detector; "
         "m = load_detector('models/baseline.pt'); print(m.task, len(m.names))"
     )
     assert _run([sys.executable, "-c", check], repo, env).split()[-2:] == ["detect", "10"]
@@ -227,7 +227,7 @@ def test_repro_of_another_ultralytics_detector(
     assert metrics["distilled"]["params_m"] == metrics["pruned"]["params_m"]
     assert metrics["deployed"]["params_m"] == metrics["pruned"]["params_m"]
     check = (
-        "from stages.common.yolo import load_detector; "
+        "from stages.yolo.models import load_detector; "
         "m = load_detector('models/distilled.pt').model; "
         "print(type(m.model[-1]).__name__, len(m.stride), "
         "sum(hasattr(x, 'pruned_splits') for x in m.modules()))"
@@ -318,7 +318,7 @@ def test_distill_ablation_runs_all_three_arms_and_reports_on_test(
     assert "| cwd w0.1 tau1 (chosen) |" in report and "| ultralytics |" in report
     # The built-in distillation saved the bare pruned student, not its wrapper or the teacher.
     check = (
-        "from stages.common.yolo import load_detector; "
+        "from stages.yolo.models import load_detector; "
         "a = load_detector('.cache/distill_ablation/ablation-ultralytics-s0.pt'); "
         "b = load_detector('models/pruned.pt'); "
         "print(sum(p.numel() for p in a.model.parameters()) == "

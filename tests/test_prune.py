@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+import zipfile
 from copy import deepcopy
 from pathlib import Path
 
@@ -15,34 +18,29 @@ from ultralytics import YOLO
 from ultralytics.nn.modules import C2f
 from ultralytics.nn.tasks import DetectionModel
 
-from stages.common import yolo
-from stages.common.cli import UserError
-from stages.common.pruning import (
-    InconsistentModule,
-    UnprunableError,
-    apply,
-    bn_gammas,
-    detect_prefix,
-    largest_gamma,
-    plan,
-    trace,
-)
+from stages.compress.pruning.dependency import InconsistentModule, UnprunableError, trace
+from stages.compress.pruning.importance import bn_gammas, largest_gamma, plan
+from stages.compress.pruning.surgery import keep_width_readers, remove_channels
+from stages.pipeline.cli import UserError
 from stages.prune import SCHEMA, not_sparse_warning
 from stages.tools.exactness import exactness, random_detector, relative_difference, silence
+from stages.yolo.heads import detect_prefix
+from stages.yolo.models import load_detector, model_size
+from stages.yolo.pruning import channel_graph
 from tests.test_params import expect_param_error
 
 
-def _model(cfg: str = "yolov8n.yaml", seed: int = 0) -> DetectionModel:
+def _model(config: str = "yolov8n.yaml", seed: int = 0) -> DetectionModel:
     """A random-weight detection model with random BN scales, shifts and statistics."""
-    return random_detector(cfg, seed)
+    return random_detector(config, seed)
 
 
-def _pruned_model(cfg: str = "yolov8n.yaml", seed: int = 0) -> DetectionModel:
+def _pruned_model(config: str = "yolov8n.yaml", seed: int = 0) -> DetectionModel:
     """_model with half of its channels removed by the global plan (a typical pruned student)."""
-    model = _model(cfg, seed)
-    graph = trace(model)
+    model = _model(config, seed)
+    graph = channel_graph(model)
     result = plan(graph, bn_gammas(model), 0.5, "global", min_channels=8, round_to=8)
-    apply(model, graph, result.removed, torch.rand(2, 3, 64, 64))
+    remove_channels(model, graph, result.removed, torch.rand(2, 3, 64, 64))
     return model
 
 
@@ -77,7 +75,7 @@ def _zero_random_groups(
 
 def test_trace_finds_yolov8_structure() -> None:
     model = _model()
-    graph = trace(model)
+    graph = channel_graph(model)
     c2f = {name for name, m in model.named_modules() if type(m) is C2f}
     assert [s.module for s in graph.splits] == sorted(c2f, key=lambda n: int(n.split(".")[1]))
     assert all(s.index == 0 and len(s.segments) == 2 for s in graph.splits)
@@ -98,7 +96,7 @@ def test_trace_finds_yolov8_structure() -> None:
 
 
 @pytest.mark.parametrize(
-    "cfg",
+    "config",
     [
         "yolov8n.yaml",
         "yolov8s.yaml",
@@ -111,34 +109,36 @@ def test_trace_finds_yolov8_structure() -> None:
         "yolo12n.yaml",  # A2C2f area attention
     ],
 )
-def test_pruning_zero_gamma_channels_leaves_the_output_unchanged(cfg: str) -> None:
+def test_pruning_zero_gamma_channels_leaves_the_output_unchanged(config: str) -> None:
     """The invariant: channels with gamma = beta = 0 emit exactly 0, so removing them is exact.
 
     As a user would (and as `stages.tools.exactness` reports it): plan a global prune at 0.5 on
     random scales, zero gamma and beta of the channels it removes, apply, and compare every
     prediction tensor."""
-    result = exactness(cfg, 0.5)
+    result = exactness(config, 0.5)
     assert result["params_after"] < 0.75 * result["params_before"]
     assert len(result["after"]) == len(result["before"]) > 0
     assert relative_difference(result["before"], result["after"]) < 1e-4
     for got, ref in zip(result["after"], result["before"], strict=True):
         assert got.shape == ref.shape
-    if cfg.startswith("yolo11"):
+    if config.startswith("yolo11"):
         assert result["resized_splits"] > 0  # C3k2's and C2PSA's splits were rewritten
 
 
 class _ReadsItsWidth(nn.Module):
-    """Attention-like: reshapes a product to the width of its input, read from ``x.shape``
-    (which autograd does not see), and adds it back to the input."""
+    """Attention-like (as C2PSA's): reshapes a product to the width of its input, read from
+    ``x.shape`` (which autograd does not see), projects it and adds it back to the input. The
+    add ties the input's channels to the projection's, so the trace alone finds them prunable."""
 
     def __init__(self, c: int) -> None:
         super().__init__()
         self.qkv = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.proj = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         v = self.qkv(x).flatten(2)
-        return x + (v @ (v.transpose(1, 2) @ v).softmax(-1)).view(b, c, h, w)
+        return x + self.proj((v @ (v.transpose(1, 2) @ v).softmax(-1)).view(b, c, h, w))
 
 
 def _width_reader_net() -> nn.Module:
@@ -161,27 +161,31 @@ def _width_reader_net() -> nn.Module:
 
 
 def test_channels_entering_a_module_that_reads_their_width_are_kept() -> None:
-    """The trace's probe cuts a copy, sees _ReadsItsWidth fail and keeps its input's channels;
-    the other spaces stay prunable and the real cut runs."""
+    """The trace misses that _ReadsItsWidth reads its input's width; the step after it cuts a
+    copy, sees the module fail and keeps the channels entering it. The other spaces stay
+    prunable and the real cut runs."""
     net = _width_reader_net()
     graph = trace(net, imgsz=16)
-    assert {("0", i) for i in range(16)} <= graph.blocked
+    entering = {("0", i) for i in range(16)}
+    assert not entering & graph.blocked
+    keep_width_readers(net, graph, imgsz=16)
+    assert entering <= graph.blocked
     assert not {("4", i) for i in range(16)} & graph.blocked
     chosen = plan(graph, bn_gammas(net), 0.5, "global", 1, 1)
     assert chosen.removed and all(conv == "4" for conv, _ in chosen.removed)
-    apply(net, graph, chosen.removed, torch.rand(2, 3, 16, 16))
+    remove_channels(net, graph, chosen.removed, torch.rand(2, 3, 16, 16))
     assert net[7].in_channels == 16 - len(chosen.removed)
 
 
 def test_a_dependency_the_trace_missed_is_refused_naming_the_module() -> None:
-    """Were the trace to miss a dependency, the surgery's own check refuses the cut model,
-    naming the module, instead of returning it."""
+    """Without the step after the trace, the surgery's own check refuses the cut model, naming
+    the module, instead of returning it."""
     net = _width_reader_net()
     graph = trace(net, imgsz=16)
-    graph.blocked -= {("0", i) for i in range(16)}  # forget what the probe found
     chosen = plan(graph, bn_gammas(net), 0.5, "global", 1, 1)
+    assert any(conv == "0" for conv, _ in chosen.removed)
     with pytest.raises(InconsistentModule, match=r"pruning left 3 \(_ReadsItsWidth\) inconsistent"):
-        apply(net, graph, chosen.removed, torch.rand(2, 3, 16, 16))
+        remove_channels(net, graph, chosen.removed, torch.rand(2, 3, 16, 16))
 
 
 def test_a_model_with_nothing_prunable_is_refused() -> None:
@@ -211,7 +215,7 @@ def test_removed_constants_are_folded_into_1x1_consumers_exactly() -> None:
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         ref = net(x)
-    apply(net, graph, {("0", 1), ("0", 4), ("0", 6)}, x)
+    remove_channels(net, graph, {("0", 1), ("0", 4), ("0", 6)}, x)
     assert net[3].in_channels == 5 and net[1].num_features == 5
     with torch.no_grad():
         torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)
@@ -229,7 +233,7 @@ def test_folding_into_a_padded_3x3_consumer_is_exact_inside_the_border() -> None
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         ref = net(x)
-    apply(net, graph, {("0", 2), ("0", 5)}, x)
+    remove_channels(net, graph, {("0", 2), ("0", 5)}, x)
     with torch.no_grad():
         out = net(x)
     torch.testing.assert_close(out[..., 1:-1, 1:-1], ref[..., 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
@@ -238,7 +242,7 @@ def test_folding_into_a_padded_3x3_consumer_is_exact_inside_the_border() -> None
 
 def test_plan_respects_min_channels_round_to_and_caps() -> None:
     model = _model()
-    graph = trace(model)
+    graph = channel_graph(model)
     gammas = bn_gammas(model)
     result = plan(graph, gammas, 0.99, "global", min_channels=8, round_to=8)
     assert any(s.capped for s in result.spaces)  # 0.99 would empty layers: capped and reported
@@ -246,13 +250,13 @@ def test_plan_respects_min_channels_round_to_and_caps() -> None:
         size = space.fixed + len(space.groups)
         assert space.kept >= min(8, size)
         assert space.kept % 8 == 0 or space.kept == size
-    apply(model, graph, result.removed, torch.rand(1, 3, 64, 64))
+    remove_channels(model, graph, result.removed, torch.rand(1, 3, 64, 64))
     _predictions(model, torch.rand(1, 3, 64, 64))  # still runs
 
 
 def test_uniform_prunes_each_space_by_the_ratio() -> None:
     model = _model()
-    graph = trace(model)
+    graph = channel_graph(model)
     result = plan(graph, bn_gammas(model), 0.5, "uniform", min_channels=1, round_to=1)
     for space in result.spaces:
         if space.groups:
@@ -264,9 +268,9 @@ def test_uniform_prunes_each_space_by_the_ratio() -> None:
 def test_equal_gammas_never_empty_a_split_half(method: str) -> None:
     """A fresh model has every gamma = 1: ties in the ranking must not starve a C2f branch."""
     model = DetectionModel("yolov8n.yaml", nc=10, verbose=False).eval()
-    graph = trace(model)
+    graph = channel_graph(model)
     result = plan(graph, bn_gammas(model), 0.7, method, min_channels=8, round_to=8)
-    apply(model, graph, result.removed, torch.rand(1, 3, 64, 64))
+    remove_channels(model, graph, result.removed, torch.rand(1, 3, 64, 64))
     resized = [m.pruned_splits[0] for m in model.modules() if hasattr(m, "pruned_splits")]
     assert resized and all(min(sizes) >= 8 for sizes in resized)
     assert all(m.in_channels > 0 for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -275,7 +279,7 @@ def test_equal_gammas_never_empty_a_split_half(method: str) -> None:
 
 def test_global_removes_the_smallest_gammas() -> None:
     model = _model()
-    graph = trace(model)
+    graph = channel_graph(model)
     modules = dict(model.named_modules())
     removed = _zero_random_groups(model, graph, 0.3, seed=2, zero_beta=False)
     share = len(removed) / sum(
@@ -305,18 +309,18 @@ def _train_step(model: nn.Module) -> None:
     opt.step()
 
 
-@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolov8m.yaml"])
-def test_pruned_model_runs_loads_trains_and_exports(cfg: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("config", ["yolov8n.yaml", "yolov8m.yaml"])
+def test_pruned_model_runs_loads_trains_and_exports(config: str, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    model = _pruned_model(cfg)
+    model = _pruned_model(config)
     count = sum(p.numel() for p in model.parameters())
     for size in (64, 96):
         _predictions(model, torch.rand(1, 3, size, size))
 
     path = tmp_path / "pruned.pt"
     torch.save({"model": deepcopy(model).half(), "train_args": {"imgsz": 64}}, path)
-    loaded = yolo.load_detector(path)
+    loaded = load_detector(path)
     assert sum(p.numel() for p in loaded.model.parameters()) == count
 
     trained = deepcopy(loaded.model)
@@ -338,7 +342,7 @@ def test_yolov8m_matches_the_papers_parameter_count() -> None:
     """The paper's 25.85M for YOLOv8m with 10 classes is the fused count."""
     model = DetectionModel("yolov8m.yaml", nc=10, verbose=False)
     assert sum(p.numel() for p in model.parameters()) == 25_862_110
-    size = yolo.model_size(model, 640)
+    size = model_size(model, 640)
     assert size["params"] == 25_845_550
     # ultralytics' 79.1 GFLOPs counts the BatchNorms too; folded into the convs it is 78.7.
     assert size["flops_g"] == pytest.approx(78.7, abs=0.1)
@@ -363,7 +367,7 @@ def test_bad_params_name_the_key(key: str, value: object, message: str) -> None:
 
 def test_a_model_that_was_never_sparse_trained_prunes_with_a_warning() -> None:
     model = _model()  # |gamma| in [0.5, 1.5]: nothing is near zero
-    graph = trace(model)
+    graph = channel_graph(model)
     gammas = bn_gammas(model)
     removed = plan(graph, gammas, 0.3, "global", 8, 8).removed
     largest = largest_gamma(graph, gammas, removed)
@@ -383,11 +387,11 @@ def test_a_checkpoint_that_is_not_a_detector_is_refused(tmp_path: Path) -> None:
     with pytest.raises(
         UserError, match=r"is a classify model \(ClassificationModel\), not a YOLO detection model"
     ):
-        yolo.load_detector(path)
+        load_detector(path)
     junk = tmp_path / "junk.pt"
     torch.save({"weights": torch.zeros(3)}, junk)
     with pytest.raises(UserError, match="is not an ultralytics checkpoint"):
-        yolo.load_detector(junk)
+        load_detector(junk)
 
 
 class _Halves(nn.Module):
@@ -424,8 +428,49 @@ def test_nested_modules_replay_their_own_splits() -> None:
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         before = net(x)
-    apply(net, graph, removed, x)
+    remove_channels(net, graph, removed, x)
     assert net[2].pruned_splits and net[2].inner.pruned_splits
     assert net[2].pruned_splits[0] != net[2].inner.pruned_splits[0]  # unequal, so each its own
     with torch.no_grad():
         torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+
+
+_FORWARD_OF_LOADED = """
+import sys, torch
+from stages.yolo.models import load_detector
+model = load_detector(sys.argv[1]).model.float().eval()
+torch.manual_seed(0)
+with torch.no_grad():
+    print(float(model(torch.rand(1, 3, 64, 64))[0].abs().sum()))
+"""
+
+
+def test_a_checkpoint_naming_the_former_replay_module_loads(tmp_path: Path) -> None:
+    """Pruned checkpoints written before the split-replay hooks moved name their module
+    ``stages.common.layers``; they load in a fresh process and give the same predictions."""
+    from stages.compress.pruning import replay
+
+    model = _pruned_model("yolo11n.yaml").half()  # C3k2: resized splits, so hooks to pickle
+    assert any(hasattr(m, "pruned_splits") for m in model.modules())
+    hooks = (replay._before_forward, replay._after_forward)
+    path = tmp_path / "former.pt"
+    try:
+        for hook in hooks:
+            hook.__module__ = "stages.common.layers"
+        torch.save({"model": model, "train_args": {"imgsz": 64}}, path)
+    finally:
+        for hook in hooks:
+            hook.__module__ = replay.__name__
+    with zipfile.ZipFile(path) as archive:
+        pickled = next(archive.read(n) for n in archive.namelist() if n.endswith("data.pkl"))
+    assert b"stages.common.layers" in pickled and b"stages.compress" not in pickled
+    done = subprocess.run(
+        [sys.executable, "-c", _FORWARD_OF_LOADED, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = float(model.float().eval()(torch.rand(1, 3, 64, 64))[0].abs().sum())
+    assert float(done.stdout.split()[-1]) == pytest.approx(expected, rel=1e-5)

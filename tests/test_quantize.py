@@ -14,11 +14,12 @@ import yaml
 from onnx import numpy_helper
 from ultralytics.nn.tasks import DetectionModel
 
-from stages.common import quantize as Q
-from stages.common.cli import UserError
-from stages.common.export import export_model_onnx
-from stages.common.images import calibration_batch
-from stages.common.runtime import PROJECT_ROOT
+from stages.compress import quantize
+from stages.deploy import agreement, onnxrt
+from stages.deploy.export import export_model_onnx
+from stages.pipeline.cli import UserError
+from stages.pipeline.images import calibration_batch
+from stages.pipeline.runtime import PROJECT_ROOT
 from tests.test_prune import _pruned_model
 
 IMGSZ = 128
@@ -33,7 +34,7 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     fp32 = folder / "model.onnx"
     export_model_onnx(_pruned_model(seed=1), fp32, IMGSZ, batch=1, opset=17)
     images = np.random.default_rng(0).random((4, 3, IMGSZ, IMGSZ), dtype=np.float32)
-    Q.quantize_int8(fp32, folder / "model.int8.onnx", images, EXCLUDE, "minmax")
+    quantize.quantize_int8(fp32, folder / "model.int8.onnx", images, EXCLUDE, "minmax")
     return fp32, folder / "model.int8.onnx"
 
 
@@ -49,7 +50,7 @@ def test_the_qdq_graph_follows_tensorrt_rules(quantized) -> None:
     conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
     weights = activations = 0
     for node in model.graph.node:
-        if node.op_type not in Q.QDQ_OPS:
+        if node.op_type not in quantize.QDQ_OPS:
             continue
         zero, scale = constants[node.input[2]], constants[node.input[1]]
         assert zero.dtype == np.int8 and not zero.any(), node.name
@@ -64,7 +65,7 @@ def test_the_qdq_graph_follows_tensorrt_rules(quantized) -> None:
             assert scale.size == 1, node.name
             activations += 1
     assert weights > 40 and activations > 40
-    assert Q.tensorrt_rule_violations(model) == []
+    assert quantize.tensorrt_rule_violations(model) == []
 
 
 def test_the_rule_check_finds_each_kind_of_violation(quantized) -> None:
@@ -77,16 +78,16 @@ def test_the_rule_check_finds_each_kind_of_violation(quantized) -> None:
     for init in model.graph.initializer:
         if init.name == activation_q.input[2]:
             init.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), init.name))
-    problems = "\n".join(Q.tensorrt_rule_violations(model))
+    problems = "\n".join(quantize.tensorrt_rule_violations(model))
     assert f"{weight_dq.name}: a Conv weight must be quantized per output channel" in problems
     assert f"{activation_q.name}: zero point must be int8 0" in problems
 
 
 def test_the_exclusions_keep_the_box_decoding_and_logits_in_float(quantized) -> None:
     fp32, int8 = (onnx.load(p) for p in quantized)
-    head = Q.head_name(fp32)
+    head = quantize.head_name(fp32)
     assert head == "model.22"
-    kept = Q.excluded_nodes(fp32, EXCLUDE, "trt_build.int8_exclude")
+    kept = quantize.excluded_nodes(fp32, EXCLUDE, "trt_build.int8_exclude")
     assert f"/{head}/dfl/conv/Conv" in kept and f"/{head}/cv3.0/cv3.0.2/Conv" in kept
     assert not any("/cv2.0.0/" in name for name in kept)  # the branches' inner convs: INT8
     # A kept node computes in float: its weights are not dequantized INT8, and its output is
@@ -101,26 +102,26 @@ def test_the_exclusions_keep_the_box_decoding_and_logits_in_float(quantized) -> 
         if node.name in kept:
             assert not weight_dq.keys() & set(node.input), node.name
             assert not quantized_inputs & set(node.output), node.name
-    summary = Q.quantization_summary(int8)
+    summary = quantize.quantization_summary(int8)
     assert summary["float_convs"] == 7 and summary["int8_convs"] > 40
 
 
 def test_an_exclusion_that_names_no_node_is_a_clear_error(quantized) -> None:
     fp32 = onnx.load(quantized[0])
     with pytest.raises(UserError, match=r"int8_exclude pattern '/model\.99/' names no node"):
-        Q.excluded_nodes(fp32, ["/{head}/dfl/", "/model.99/"], "trt_build.int8_exclude")
+        quantize.excluded_nodes(fp32, ["/{head}/dfl/", "/model.99/"], "trt_build.int8_exclude")
 
 
 def test_onnxruntime_view_is_the_same_model_bit_for_bit(quantized) -> None:
     """Run both without graph optimizations (plain QuantizeLinear/DequantizeLinear semantics):
     int8 with zero point 0 and uint8 with zero point 128 give identical outputs."""
     model = onnx.load(quantized[1])
-    view = Q.onnxruntime_view(model)
+    view = onnxrt.onnxruntime_view(model)
     zeros = _constants(view)
     activation_zeros = {
         n.input[2]
         for n in view.graph.node
-        if n.op_type in Q.QDQ_OPS and n.input[0] not in zeros  # activations only
+        if n.op_type in quantize.QDQ_OPS and n.input[0] not in zeros  # activations only
     }
     assert {zeros[z].dtype for z in activation_zeros} == {np.dtype(np.uint8)}
     assert all((zeros[z] == 128).all() for z in activation_zeros)
@@ -141,15 +142,15 @@ def test_agreement_by_hand() -> None:
     a = boxes((0, 0, 10, 10, 0.9, 1), (20, 20, 30, 30, 0.8, 2))
     # One box moved by 1 px (IoU 81/119 = 0.68, a match), one of another class (no match).
     b = boxes((1, 1, 11, 11, 0.7, 1), (20, 20, 30, 30, 0.8, 3))
-    assert Q.matched(a, b) == 1
-    assert Q.agreement([a], [b])["f1"] == pytest.approx(2 * 1 / 4)
-    assert Q.agreement([a], [a])["f1"] == 1.0
-    assert Q.agreement([a, boxes()], [boxes(), boxes()])["f1"] == 0.0
-    assert Q.agreement([boxes()], [boxes()])["f1"] == 1.0  # nothing found by either
+    assert agreement.matched(a, b) == 1
+    assert agreement.agreement([a], [b])["f1"] == pytest.approx(2 * 1 / 4)
+    assert agreement.agreement([a], [a])["f1"] == 1.0
+    assert agreement.agreement([a, boxes()], [boxes(), boxes()])["f1"] == 0.0
+    assert agreement.agreement([boxes()], [boxes()])["f1"] == 1.0  # nothing found by either
     far = boxes((5, 5, 15, 15, 0.9, 1))  # IoU 25/175 with the first box: no match
-    assert Q.matched(a, far) == 0
+    assert agreement.matched(a, far) == 0
     # Each detection is matched once: two copies of one box match one reference box.
-    assert Q.matched(a[:1], boxes((0, 0, 10, 10, 0.9, 1), (0, 0, 10, 10, 0.8, 1))) == 1
+    assert agreement.matched(a[:1], boxes((0, 0, 10, 10, 0.9, 1), (0, 0, 10, 10, 0.8, 1))) == 1
 
 
 DEPLOYED = PROJECT_ROOT / "models" / "deploy" / "model.onnx"
@@ -164,9 +165,11 @@ def test_int8_detections_match_fp32_on_real_aerial_images(visdrone_sample: Path,
     imgsz = onnx.load(DEPLOYED).graph.input[0].type.tensor_type.shape.dim[2].dim_value
     images = calibration_batch(visdrone_sample / "images", 48, imgsz).numpy()
     int8 = tmp_path / "model.int8.onnx"
-    Q.quantize_int8(DEPLOYED, int8, images[:16], EXCLUDE, "percentile")
-    reference = Q.raw_outputs(Q.onnx_session(DEPLOYED), images[16:])
-    divergence = Q.divergence(reference, Q.raw_outputs(Q.onnx_session(int8), images[16:]))
+    quantize.quantize_int8(DEPLOYED, int8, images[:16], EXCLUDE, "percentile")
+    reference = onnxrt.raw_outputs(onnxrt.onnx_session(DEPLOYED), images[16:])
+    divergence = agreement.divergence(
+        reference, onnxrt.raw_outputs(onnxrt.onnx_session(int8), images[16:])
+    )
     print(divergence)
     assert divergence["reference_detections"] >= 100  # it does detect things on real frames
     assert divergence["f1"] >= 0.85
@@ -185,7 +188,7 @@ def test_a_near_constant_tensor_is_a_clear_calibration_error(tmp_path: Path) -> 
         UserError,
         match=r"by percentile failed: .* constant \(/model\.\d+/.*int8_calibration: minmax",
     ):
-        Q.quantize_int8(fp32, tmp_path / "p.onnx", images, [], "percentile")
+        quantize.quantize_int8(fp32, tmp_path / "p.onnx", images, [], "percentile")
     assert not (tmp_path / "p.onnx").exists()
-    Q.quantize_int8(fp32, tmp_path / "m.onnx", images, [], "minmax")
-    assert Q.tensorrt_rule_violations(onnx.load(tmp_path / "m.onnx")) == []
+    quantize.quantize_int8(fp32, tmp_path / "m.onnx", images, [], "minmax")
+    assert quantize.tensorrt_rule_violations(onnx.load(tmp_path / "m.onnx")) == []

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.common.outputs import atomic_path, write_json
-from stages.common.runtime import CACHE_DIR, cpu_threads
+from stages.pipeline.outputs import atomic_path, write_json
+from stages.pipeline.runtime import CACHE_DIR, cpu_threads
 
 
 def test_environment_is_offline_and_inside_the_project() -> None:
@@ -29,7 +29,7 @@ def test_ultralytics_settings_and_threads() -> None:
     import torch
     import ultralytics.utils as ul_utils
 
-    import stages.common.yolo  # noqa: F401
+    import stages.yolo  # noqa: F401
 
     assert ul_utils.SETTINGS["sync"] is False
     assert Path(ul_utils.SETTINGS["runs_dir"]).is_relative_to(CACHE_DIR)
@@ -64,7 +64,7 @@ def test_kernels_are_capped_to_avx2_where_the_cpu_has_it_and_a_user_value_wins()
     import subprocess
     import sys
 
-    from stages.common.runtime import KERNEL_CAPS, PROJECT_ROOT, has_avx2
+    from stages.pipeline.runtime import KERNEL_CAPS, PROJECT_ROOT, has_avx2
 
     show = (
         "import os, stages, torch; "
@@ -90,7 +90,7 @@ def test_installed_environment_is_the_pinned_one() -> None:
     tests run in has those versions (the README's commands install with -c constraints.txt)."""
     import importlib.metadata as metadata
 
-    from stages.common.runtime import PROJECT_ROOT
+    from stages.pipeline.runtime import PROJECT_ROOT
     from stages.tools.constraints import EXTRAS, PROJECT, closure, render
 
     pinned = (PROJECT_ROOT / "constraints.txt").read_text()

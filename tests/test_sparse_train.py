@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from stages.sparse_train import (
-    SCHEMA,
+from stages.compress.sparsity import (
     PenaltySchedule,
-    SparseTrainer,
     add_l1_subgradient,
     gamma_magnitudes,
     penalized_batchnorms,
     sparsity_stats,
 )
+from stages.sparse_train import SCHEMA
+from stages.yolo.sparse_trainer import SparseTrainer
 from tests.test_params import expect_param_error
 
 

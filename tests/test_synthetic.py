@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.dataset import SMALL, parse_line
-from stages.synthetic import SceneSpec, render_scene, write_split
+from stages.datasets.synthetic import SceneSpec, render_scene, write_split
+from stages.datasets.visdrone import SMALL, parse_line
 
 SPEC = SceneSpec(image_size=128, objects_min=8, objects_max=16)
 

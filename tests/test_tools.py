@@ -8,8 +8,8 @@ import random
 import pytest
 import yaml
 
-from stages.common import params as P
-from stages.common.cli import UserError
+from stages.pipeline.cli import UserError
+from stages.pipeline.params import validate
 from stages.tools.distill_ablation import choose_cwd, interval, markdown, paired
 from stages.tools.pareto import experiments, pareto_front, sweep_rows
 from stages.tools.pr_comment import (
@@ -220,7 +220,7 @@ def test_default_profile_is_what_params_yaml_holds_and_covers_every_other_profil
 def test_the_paper_profile_passes_every_stage_validation(stage: str) -> None:
     paper, _ = apply_profile((PROJECT_ROOT / "params.yaml").read_text(), load_profile("visdrone"))
     schema = importlib.import_module(f"stages.{stage}").SCHEMA
-    P.validate(schema, yaml.safe_load(paper))
+    validate(schema, yaml.safe_load(paper))
 
 
 def test_a_profile_key_params_yaml_lacks_is_refused() -> None:

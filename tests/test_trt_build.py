@@ -12,11 +12,11 @@ import pytest
 import torch
 from ultralytics.nn.tasks import DetectionModel
 
-from stages.common import params as P
-from stages.common import quantize
-from stages.common.cli import UserError
-from stages.common.export import export_model_onnx, export_onnx
-from stages.common.images import calibration_batch
+from stages.compress import quantize
+from stages.deploy.export import export_model_onnx, export_onnx
+from stages.pipeline.cli import UserError
+from stages.pipeline.images import calibration_batch
+from stages.pipeline.params import ParamsError
 from stages.trt_build import (
     SCHEMA,
     check_params,
@@ -69,13 +69,13 @@ def test_onnx_matches_pytorch_on_real_aerial_images(exported, visdrone_sample: P
 def test_opset_beyond_the_exporter_is_refused() -> None:
     top = max_exportable_opset()
     cfg = {"opset": top + 1, "precision": "fp16", "calibration_images": 0}
-    with pytest.raises(P.ParamsError, match=f"writes opsets up to {top}"):
+    with pytest.raises(ParamsError, match=f"writes opsets up to {top}"):
         check_params(cfg)
     check_params({**cfg, "opset": top})
 
 
 def test_int8_without_calibration_images_is_refused() -> None:
-    with pytest.raises(P.ParamsError, match="'int8' needs calibration images"):
+    with pytest.raises(ParamsError, match="'int8' needs calibration images"):
         check_params({"opset": 17, "precision": "int8", "calibration_images": 0})
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
-from stages.common.cli import UserError
-from stages.common.runtime import PROJECT_ROOT
+from stages.pipeline.cli import UserError
+from stages.pipeline.runtime import PROJECT_ROOT
 
 
 def dvc(*args: str) -> str:

@@ -5,12 +5,12 @@
     python -m stages.tools.benchmark --sizes-only --models yolov8m.yaml --imgsz 1024  # seconds
 
 For each model (10 classes, freshly built: speed depends on shapes, not on weights): the unpruned
-model and its uniform prunings at each ratio (pruning.uniformly_pruned), each measured for
-params and FLOPs (fused, FLOPs = 2 x MACs) and for the latency of one image (batch 1, fp32,
-median after warm-up) on PyTorch and on ONNX Runtime (exported as trt_build exports). All variants
-of one model and backend are timed in turns in one run; speedup = unpruned ms / pruned ms on the
-same backend. The figure of merit is speedup / FLOPs ratio: 1 would mean every FLOP removed is
-time saved (the paper's YOLOv8m: 3.7x fewer FLOPs, 1.73x FPS on a GPU, 0.47).
+model and its uniform prunings at each ratio (``uniformly_pruned``, stages/yolo/pruning.py), each
+measured for params and FLOPs (fused, FLOPs = 2 x MACs) and for the latency of one image (batch
+1, fp32, median after warm-up) on PyTorch and on ONNX Runtime (exported as trt_build exports).
+All variants of one model and backend are timed in turns in one run; speedup = unpruned ms /
+pruned ms on the same backend. The figure of merit is speedup / FLOPs ratio: 1 would mean every
+FLOP removed is time saved (the paper's YOLOv8m: 3.7x fewer FLOPs, 1.73x FPS on a GPU, 0.47).
 
 Reads nothing but the ultralytics model configs (every model is built fresh).
 Writes reports/benchmark/benchmark.csv, benchmark.md and speedup_vs_flops.png (not DVC outputs:
@@ -27,28 +27,31 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from stages.common import cli, quantize, yolo
-from stages.common import params as P
-from stages.common.environment import cpu_description
-from stages.common.export import TRT_BUILD, export_model_onnx
-from stages.common.outputs import atomic_path, print_summary, save_figure, write_csv, written
-from stages.common.pruning import uniformly_pruned
-from stages.common.runtime import PROJECT_ROOT, TMP_DIR, cpu_threads
-from stages.common.timing import latency_ms, onnx_runner, torch_runner
+from stages.compress.quantize import quantize_int8
+from stages.deploy.export import export_model_onnx
+from stages.deploy.timing import latency_ms, onnx_runner, torch_runner
+from stages.pipeline import cli
+from stages.pipeline.environment import cpu_description
+from stages.pipeline.outputs import atomic_path, print_summary, save_figure, write_csv, written
+from stages.pipeline.params import load
+from stages.pipeline.runtime import PROJECT_ROOT, TMP_DIR, cpu_threads
+from stages.trt_build import TRT_BUILD
+from stages.yolo.models import check_model_source, model_size
+from stages.yolo.pruning import uniformly_pruned
 
 OUT_DIR = PROJECT_ROOT / "reports" / "benchmark"
 BACKENDS = ("pytorch", "onnxruntime", "onnxruntime_int8")
 
 
-def size_rows(cfg: str, ratios: Sequence[float], imgsz: int) -> tuple[list[dict], list]:
-    """Params and FLOPs of ``cfg`` unpruned (ratio 0, first) and pruned at each ratio, with the
+def size_rows(config: str, ratios: Sequence[float], imgsz: int) -> tuple[list[dict], list]:
+    """Params and FLOPs of ``config`` unpruned (ratio 0, first) and pruned at each ratio, with the
     (ratio, model) variants they were counted on."""
-    rows, variants = [], list(uniformly_pruned(cfg, ratios))
+    rows, variants = [], list(uniformly_pruned(config, ratios))
     for ratio, model in variants:
-        size = yolo.model_size(model, imgsz)
+        size = model_size(model, imgsz)
         rows.append(
             {
-                "model": cfg.removesuffix(".yaml"),
+                "model": config.removesuffix(".yaml"),
                 "ratio": ratio,
                 "params_m": round(size["params"] / 1e6, 3),
                 "gflops": round(size["flops_g"], 3),
@@ -60,22 +63,22 @@ def size_rows(cfg: str, ratios: Sequence[float], imgsz: int) -> tuple[list[dict]
 
 
 def benchmark_model(
-    cfg: str, ratios: Sequence[float], imgsz: int, warmup: int, repeats: int, int8: dict
+    config: str, ratios: Sequence[float], imgsz: int, warmup: int, repeats: int, int8: dict
 ) -> list[dict]:
-    """Rows for ``cfg`` unpruned (ratio 0) and pruned at each ratio: timed on PyTorch, and on ONNX
-    Runtime in fp32 and INT8 (``int8``: trt_build's exclusions; speedups against the unpruned
+    """Rows for ``config`` unpruned (ratio 0) and pruned at each ratio: timed on PyTorch, and on
+    ONNX Runtime in fp32 and INT8 (``int8``: trt_build's exclusions; speedups against the unpruned
     fp32 model, int8_vs_fp32 against the same ratio in fp32)."""
     work = TMP_DIR / "benchmark"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    rows, variants = size_rows(cfg, ratios, imgsz)
+    rows, variants = size_rows(config, ratios, imgsz)
     # Speed does not depend on the weights or on where the ranges come from: random images.
     calibration = np.random.default_rng(0).random((4, 3, imgsz, imgsz), dtype=np.float32)
     runners: dict[str, dict] = {"pytorch": {}, "onnxruntime": {}}
-    for ratio, model in tqdm(variants, desc=f"{cfg}: export + quantize"):
+    for ratio, model in tqdm(variants, desc=f"{config}: export + quantize"):
         fp32, qdq = (work / f"{ratio}{suffix}" for suffix in (".onnx", ".q.onnx"))
         export_model_onnx(model, fp32, imgsz, 1, int8["opset"])
-        quantize.quantize_int8(fp32, qdq, calibration, int8["int8_exclude"], "minmax")
+        quantize_int8(fp32, qdq, calibration, int8["int8_exclude"], "minmax")
         runners["pytorch"][("pytorch", ratio)] = torch_runner(
             model.float().fuse(verbose=False), imgsz, "cpu"
         )
@@ -83,7 +86,7 @@ def benchmark_model(
             runners["onnxruntime"][(backend, ratio)] = onnx_runner(path, [1, 3, imgsz, imgsz])
     times = {}
     for group, timed in runners.items():  # fp32 and INT8 ONNX models take turns in one run
-        print(f"timing {cfg} on {group}: {len(timed)} models x ({warmup} + {repeats}) passes")
+        print(f"timing {config} on {group}: {len(timed)} models x ({warmup} + {repeats}) passes")
         times |= {
             key: statistics.median(t) for key, t in latency_ms(timed, warmup, repeats).items()
         }
@@ -164,15 +167,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--sizes-only", action="store_true", help="print params and FLOPs; no export or timing"
     )
     args = parser.parse_args(argv)
-    for cfg in args.models:
-        yolo.check_model_source("--models", cfg)
-        if cfg.endswith(".pt"):
-            parser.error(f"--models {cfg}: give a config name such as yolov8n.yaml")
+    for config in args.models:
+        check_model_source("--models", config)
+        if config.endswith(".pt"):
+            parser.error(f"--models {config}: give a config name such as yolov8n.yaml")
     if not all(0 < r < 1 for r in args.ratios):
         parser.error(f"--ratios {args.ratios}: every ratio must be in (0, 1)")
 
     if args.sizes_only:
-        rows = [row for cfg in args.models for row in size_rows(cfg, args.ratios, args.imgsz)[0]]
+        rows = [
+            row for config in args.models for row in size_rows(config, args.ratios, args.imgsz)[0]
+        ]
         print_summary(
             f"sizes at {args.imgsz} (fused, FLOPs = 2 x MACs)",
             [
@@ -185,10 +190,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             ],
         )
         return
-    int8 = P.load({"trt_build": TRT_BUILD})["trt_build"]
+    int8 = load({"trt_build": TRT_BUILD})["trt_build"]
     rows = []
-    for cfg in args.models:
-        rows += benchmark_model(cfg, args.ratios, args.imgsz, args.warmup, args.repeats, int8)
+    for config in args.models:
+        rows += benchmark_model(config, args.ratios, args.imgsz, args.warmup, args.repeats, int8)
     out = args.out.resolve()
     write_csv(out / "benchmark.csv", rows)
     with atomic_path(out / "benchmark.md") as tmp:

@@ -4,7 +4,7 @@
 
 The README's two commands install with ``-c constraints.txt``, so a fresh machine gets exactly the
 versions the committed metrics were produced with: a newer ultralytics, opencv or numpy changes
-augmentation and training, and so the metrics (see README, "Reproducibility"). Run this after a
+augmentation and training, and so the metrics (see docs/reproducibility.md). Run this after a
 deliberate upgrade, then re-run the pipeline and commit both. The pins are the closure of the
 project's requirements with its ``test`` extra, read from the installed metadata;
 the project itself is left out.
@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from stages.common import cli
+from stages.pipeline import cli
 
 PROJECT = "yolo-aerial-compress"
 EXTRAS = ("test",)
@@ -55,8 +55,8 @@ def closure(root: str, extras: Iterable[str]) -> dict[str, str]:
 def render(pins: dict[str, str]) -> str:
     header = (
         "# The environment the committed metrics were produced with (python -m "
-        "stages.tools.constraints).\n# Used as `pip install -c constraints.txt ...`; see README, "
-        '"Reproducibility".\n'
+        "stages.tools.constraints).\n# Used as `pip install -c constraints.txt ...`; see "
+        "docs/reproducibility.md.\n"
     )
     # A local version label (2.14.1+cu130) is dropped: `==2.14.1` then matches every build of it.
     return header + "".join(

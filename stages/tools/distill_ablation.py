@@ -33,11 +33,13 @@ from pathlib import Path
 from scipy import stats
 
 from stages import distill
-from stages.common import cli, yolo
-from stages.common import params as P
-from stages.common.outputs import atomic_path, print_summary, write_csv, write_json, written
-from stages.common.runtime import CACHE_DIR, PROJECT_ROOT
-from stages.tools.splits import split_accuracy
+from stages.pipeline import cli
+from stages.pipeline.outputs import atomic_path, print_summary, write_csv, write_json, written
+from stages.pipeline.params import load
+from stages.pipeline.runtime import CACHE_DIR, PROJECT_ROOT
+from stages.yolo.models import load_detector
+from stages.yolo.training import ModelKeepingTrainer, train, training_args
+from stages.yolo.validation import split_accuracy
 
 OUT_DIR = PROJECT_ROOT / "reports" / "distill_ablation"
 WORK_DIR = CACHE_DIR / "distill_ablation"
@@ -67,11 +69,12 @@ def choose_cwd(rows: Sequence[dict]) -> str:
     return max(arms, key=lambda a: statistics.fmean(r["val_ap50"] for r in rows if r["arm"] == a))
 
 
-def markdown(rows: Sequence[dict], chosen: str, cfg: dict) -> str:
+def markdown(rows: Sequence[dict], chosen: str, section: dict) -> str:
     """The report: the val decision, then the three arms and their paired differences on test."""
     seeds = len({r["seed"] for r in rows})
     lines = [
-        f"Student: the pruned model; teacher: {cfg['teacher']}; {cfg['epochs']} epochs each, "
+        f"Student: the pruned model; teacher: {section['teacher']}; {section['epochs']} epochs "
+        f"each, "
         f"{seeds} seeds; the same trainer settings for every arm. Mean ± 95% t-interval over "
         f"seeds.",
         "",
@@ -114,31 +117,31 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _digest(cfg: dict, *parts: object) -> str:
+def _digest(section: dict, *parts: object) -> str:
     """Cache key of a run: its settings and the student and teacher it trains with."""
-    files = (distill.STUDENT, distill.TEACHERS[cfg["teacher"]])
-    key = [cfg, *parts, *(_file_digest(f) for f in files)]
+    files = (distill.STUDENT, distill.TEACHERS[section["teacher"]])
+    key = [section, *parts, *(_file_digest(f) for f in files)]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run(cfg: dict, params: dict, arm: str, seed: int, weight: float, tau: float) -> dict:
+def run(section: dict, params: dict, arm: str, seed: int, weight: float, tau: float) -> dict:
     """One fine-tuning run of ``arm`` (cached), measured on val and test."""
-    cfg = {**cfg, "weight": weight, "temperature": tau}
+    section = {**section, "weight": weight, "temperature": tau}
     name = f"ablation-{arm}-s{seed}"
-    cached = WORK_DIR / f"{name}-{_digest(cfg, params['imgsz'], seed, ULTRALYTICS_DIS)}.json"
+    cached = WORK_DIR / f"{name}-{_digest(section, params['imgsz'], seed, ULTRALYTICS_DIS)}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    student = yolo.load_detector(distill.STUDENT)
-    teacher_path = distill.TEACHERS[cfg["teacher"]]
-    args = {**yolo.training_args(params, cfg), "seed": seed}
+    student = load_detector(distill.STUDENT)
+    teacher_path = distill.TEACHERS[section["teacher"]]
+    args = {**training_args(params, section), "seed": seed}
     if arm == "ultralytics":
         args |= {"distill_model": str(teacher_path), "dis": ULTRALYTICS_DIS}
-        trainer = yolo.ModelKeepingTrainer
+        trainer = ModelKeepingTrainer
     else:
-        trainer = distill.distill_trainer(
-            cfg, student, yolo.load_detector(teacher_path), params["imgsz"]
+        trainer = distill.trainer_for(
+            section, student, load_detector(teacher_path), params["imgsz"]
         )
-    trained = yolo.train(
+    trained = train(
         student, name, WORK_DIR / f"{name}.pt", WORK_DIR / f"{name}.csv", trainer=trainer, **args
     )
     row = {"arm": arm, "seed": seed, "weight": weight, "temperature": tau}
@@ -155,25 +158,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-ultralytics", action="store_true", help="skip the built-in arm")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args(argv)
-    params = P.load(distill.SCHEMA)
-    cfg = params["distill"]
-    weights = args.weights or [cfg["weight"]]
-    taus = args.temperatures or [cfg["temperature"]]
+    params = load(distill.SCHEMA)
+    section = params["distill"]
+    weights = args.weights or [section["weight"]]
+    taus = args.temperatures or [section["temperature"]]
     if any(w <= 0 for w in weights) or any(t <= 0 for t in taus):
         parser.error("--weights and --temperatures must be > 0 (plain fine-tuning always runs)")
     if len(set(args.seeds)) != len(args.seeds) or len(args.seeds) < 2:
         parser.error("--seeds must be at least two distinct seeds")
 
-    arms = [("plain", 0.0, cfg["temperature"])]
+    arms = [("plain", 0.0, section["temperature"])]
     arms += [(f"cwd w{w:g} tau{t:g}", w, t) for w in weights for t in taus]
     if not args.no_ultralytics:
-        arms.append(("ultralytics", 0.0, cfg["temperature"]))
-    rows = [run(cfg, params, a, s, w, t) for a, w, t in arms for s in args.seeds]
+        arms.append(("ultralytics", 0.0, section["temperature"]))
+    rows = [run(section, params, a, s, w, t) for a, w, t in arms for s in args.seeds]
     chosen = choose_cwd(rows)
     out = args.out.resolve()
     write_csv(out / "ablation.csv", rows)
     with atomic_path(out / "ablation.md") as tmp:
-        tmp.write_text(markdown(rows, chosen, cfg))
+        tmp.write_text(markdown(rows, chosen, section))
     summary = [
         (f"{arm} − {other}", f"{d['mean']:+.4f} ± {d['half']:.4f} test AP50, {d['wins']} wins")
         for arm, other in ((chosen, "plain"), (chosen, "ultralytics"))

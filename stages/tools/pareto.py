@@ -19,10 +19,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from stages.common import cli
-from stages.common.outputs import print_summary, write_csv, written
-from stages.common.plots import plot_accuracy_vs_cost
-from stages.common.runtime import PROJECT_ROOT
+from stages.pipeline import cli
+from stages.pipeline.outputs import print_summary, write_csv, written
+from stages.pipeline.plots import plot_accuracy_vs_cost
+from stages.pipeline.runtime import PROJECT_ROOT
 from stages.tools import dvc
 
 METRICS_FILE = "reports/metrics.json"

@@ -33,8 +33,8 @@ from typing import Any
 
 import yaml
 
-from stages.common import cli
-from stages.common.runtime import PROJECT_ROOT
+from stages.pipeline import cli
+from stages.pipeline.runtime import PROJECT_ROOT
 from stages.tools import dvc
 
 SUMMARY = PROJECT_ROOT / "reports" / "summary.md"

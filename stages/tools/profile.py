@@ -22,9 +22,9 @@ import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import PlainScalarString, SingleQuotedScalarString
 
-from stages.common import cli
-from stages.common.outputs import atomic_path, print_summary
-from stages.common.runtime import PROJECT_ROOT
+from stages.pipeline import cli
+from stages.pipeline.outputs import atomic_path, print_summary
+from stages.pipeline.runtime import PROJECT_ROOT
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
 PARAMS = PROJECT_ROOT / "params.yaml"

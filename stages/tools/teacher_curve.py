@@ -33,10 +33,10 @@ from pathlib import Path
 import yaml
 
 from stages import baseline
-from stages.common import cli, yolo
-from stages.common import params as P
-from stages.common.cli import UserError
-from stages.common.outputs import (
+from stages.dataset import SCHEMA as DATASET_SCHEMA
+from stages.pipeline import cli
+from stages.pipeline.cli import UserError
+from stages.pipeline.outputs import (
     atomic_path,
     print_summary,
     save_figure,
@@ -44,9 +44,10 @@ from stages.common.outputs import (
     write_json,
     written,
 )
-from stages.common.runtime import CACHE_DIR, PROJECT_ROOT
-from stages.dataset import SCHEMA as DATASET_SCHEMA
-from stages.tools.splits import split_accuracy
+from stages.pipeline.params import PARAMS_FILE, read_yaml, validate
+from stages.pipeline.runtime import CACHE_DIR, PROJECT_ROOT
+from stages.yolo.training import check_dataset
+from stages.yolo.validation import split_accuracy
 
 OUT_DIR = PROJECT_ROOT / "reports" / "teacher_curve"
 WORK_DIR = CACHE_DIR / "teacher_curve"
@@ -93,16 +94,9 @@ def run_point(params: dict, epochs: int) -> dict:
     cached = WORK_DIR / f"e{epochs}-{key}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
-    source = yolo.check_model_source("baseline.model", section["model"], section["weights_sha256"])
     name = f"teacher-e{epochs}"
-    trained = yolo.train(
-        yolo.YOLO(source, task="detect"),
-        name,
-        WORK_DIR / f"{name}.pt",
-        WORK_DIR / f"{name}.csv",
-        trainer=baseline.DetectionTrainer,
-        pretrained=source.endswith(".pt"),
-        **yolo.training_args(params, section),
+    trained = baseline.train_baseline(
+        params, section, name, WORK_DIR / f"{name}.pt", WORK_DIR / f"{name}.csv"
     )
     point = {"epochs": epochs, **split_accuracy(trained, name, params)}
     write_json(cached, point)
@@ -157,8 +151,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if len(args.epochs) < 2 or min(args.epochs) < 1 or len(set(args.epochs)) != len(args.epochs):
         parser.error("--epochs needs at least two distinct budgets >= 1")
     schema = {**baseline.SCHEMA, "dataset": DATASET_SCHEMA["dataset"]}
-    params = P.validate(schema, with_settings(P.read_yaml(P.PARAMS_FILE), args.set))
-    yolo.check_dataset()
+    params = validate(schema, with_settings(read_yaml(PARAMS_FILE), args.set))
+    check_dataset()
     points = [run_point(params, e) for e in sorted(args.epochs)]
     out = args.out.resolve()
     current = params["baseline"]["epochs"]

@@ -18,10 +18,7 @@ expressions searched in ONNX node names, where ``{head}`` stands for the Detect 
 ``model.22``). The defaults keep the head's box decoding (DFL, anchors, strides) and its final
 concat in float: they turn logits into pixel coordinates, where an INT8 step would be a pixel error.
 
-ONNX Runtime on x86 runs INT8 convolutions fast only with unsigned activations (U8S8; signed
-activations take a slow path without VNNI). :func:`onnxruntime_view` rewrites each activation's
-INT8 zero point 0 as UINT8 zero point 128 — the same real values, bit for bit — when a session is
-created, so the artifact on disk stays the one TensorRT reads.
+How ONNX Runtime runs this file fast on x86 is stages/deploy/onnxrt.py's business.
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -45,8 +41,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from stages.common.cli import UserError
-from stages.common.runtime import cpu_threads
+from stages.pipeline.cli import UserError
 
 HEAD = "{head}"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -179,7 +174,7 @@ def _histogram_tensor(err: ValueError) -> str:
     return "unnamed"
 
 
-def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
 
 
@@ -190,7 +185,7 @@ def tensorrt_rule_violations(model: onnx.ModelProto) -> list[str]:
     constant (a weight) feeding a Conv must be per output channel (axis 0, one scale per filter);
     an activation's must be per tensor (one scale).
     """
-    constants = _initializers(model)
+    constants = initializers(model)
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -235,135 +230,3 @@ def quantization_summary(model: onnx.ModelProto) -> dict[str, int]:
 
 def is_quantized(model: onnx.ModelProto) -> bool:
     return any(n.op_type in QDQ_OPS for n in model.graph.node)
-
-
-def onnxruntime_view(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The same model with activations as UINT8, zero point 128 (x86's fast INT8 path).
-
-    int8 q with zero point 0 and uint8 q + 128 with zero point 128 stand for the same real value
-    (q * scale), and quantizing rounds and clips to the same grid, so outputs are unchanged.
-    Weights (constants into a DequantizeLinear) stay INT8.
-    """
-    view = onnx.ModelProto()
-    view.CopyFrom(model)
-    constants = _initializers(view)
-    shifted: dict[str, str] = {}
-    for node in view.graph.node:
-        if node.op_type not in QDQ_OPS or len(node.input) < 3:
-            continue
-        if node.op_type == "DequantizeLinear" and node.input[0] in constants:
-            continue  # a weight
-        zero = node.input[2]
-        if constants[zero].dtype != np.int8:
-            continue
-        if zero not in shifted:
-            shifted[zero] = f"{zero}_uint8"
-            values = (constants[zero].astype(np.int16) + 128).astype(np.uint8)
-            view.graph.initializer.append(numpy_helper.from_array(values, shifted[zero]))
-        node.input[2] = shifted[zero]
-    used = {name for node in view.graph.node for name in node.input}
-    stale = [
-        init for init in view.graph.initializer if init.name in shifted and init.name not in used
-    ]
-    for init in stale:
-        view.graph.initializer.remove(init)
-    return view
-
-
-def as_run_here(path: Path, folder: Path) -> Path:
-    """``path``, or for a Q/DQ model its :func:`onnxruntime_view` written into ``folder``: the
-    file to give a tool that opens its own ONNX Runtime session (ultralytics' validation), so that
-    it runs what :func:`onnx_session` runs."""
-    model = onnx.load(path)
-    if not is_quantized(model):
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    view = folder / path.name
-    onnx.save(onnxruntime_view(model), view)
-    return view
-
-
-def onnx_session(path: Path) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session of ``path`` (a Q/DQ model through :func:`onnxruntime_view`).
-
-    Idle threads do not spin: they would slow the other models timed in turn with this one.
-    """
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.intra_op_num_threads = cpu_threads()
-    model = onnx.load(path)
-    source = onnxruntime_view(model).SerializeToString() if is_quantized(model) else str(path)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def raw_outputs(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
-    """The model's raw output (N x (4 + classes) x anchors: boxes in pixels, class scores) for
-    ``images``, run in the model's static batch (a short last batch is left out)."""
-    name = session.get_inputs()[0].name
-    batch = session.get_inputs()[0].shape[0]
-    runs = [
-        session.run(None, {name: np.ascontiguousarray(images[i : i + batch])})[0]
-        for i in range(0, len(images) - batch + 1, batch)
-    ]
-    return np.concatenate(runs)
-
-
-def detections(raw: np.ndarray, conf: float = 0.25) -> list[np.ndarray]:
-    """Per image, detections after ultralytics' NMS: rows of x1, y1, x2, y2, score, class."""
-    import torch
-    from ultralytics.utils.nms import non_max_suppression
-
-    kept = non_max_suppression(torch.from_numpy(raw), conf_thres=conf, iou_thres=0.7)
-    return [k[:, :6].numpy() for k in kept]
-
-
-def divergence(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    """How far ``other``'s raw outputs are from ``reference``'s: detection agreement (see
-    :func:`agreement`) and the largest differences of class scores and of box coordinates."""
-    return {
-        **agreement(detections(reference), detections(other)),
-        "max_abs_score_diff": round(float(np.abs(other[:, 4:] - reference[:, 4:]).max()), 4),
-        "max_abs_box_diff_px": round(float(np.abs(other[:, :4] - reference[:, :4]).max()), 2),
-    }
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of ``a`` (n x 4, x1 y1 x2 y2) with every box of ``b`` (m x 4)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = (a[:, 2:] - a[:, :2]).prod(axis=1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(axis=1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
-
-
-def matched(reference: np.ndarray, other: np.ndarray, iou: float = 0.5) -> int:
-    """How many detections of ``other`` match one of ``reference`` (same class, IoU >= iou), each
-    used once; pairs are taken greedily from the highest IoU down."""
-    if not len(reference) or not len(other):
-        return 0
-    overlap = _iou(reference[:, :4], other[:, :4])
-    overlap[reference[:, 5][:, None] != other[:, 5][None, :]] = 0
-    pairs = 0
-    while True:
-        r, o = np.unravel_index(np.argmax(overlap), overlap.shape)
-        if overlap[r, o] < iou:
-            return pairs
-        pairs += 1
-        overlap[r, :] = 0
-        overlap[:, o] = 0
-
-
-def agreement(reference: list[np.ndarray], other: list[np.ndarray]) -> dict[str, float]:
-    """How well ``other``'s detections reproduce ``reference``'s over a set of images: the F1 of
-    matched detections (1: the same detections; 0: none in common; 1 when both find nothing)."""
-    pairs = sum(matched(r, o) for r, o in zip(reference, other, strict=True))
-    n_reference = sum(len(r) for r in reference)
-    n_other = sum(len(o) for o in other)
-    total = n_reference + n_other
-    return {
-        "f1": round(2 * pairs / total, 4) if total else 1.0,
-        "reference_detections": n_reference,
-        "detections": n_other,
-        "matched": pairs,
-    }

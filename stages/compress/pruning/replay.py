@@ -1,4 +1,4 @@
-"""What pruned checkpoints contain besides ultralytics' own modules: resized channel splits.
+"""Split replay: what pruned checkpoints carry besides ultralytics' own modules.
 
 A module whose forward splits a tensor along channels computes the sizes in its own code from
 its widths before pruning (C2f and C3k2 ``chunk(2, 1)`` cv1's output, C2PSA splits it at
@@ -6,15 +6,17 @@ its widths before pruning (C2f and C3k2 ``chunk(2, 1)`` cv1's output, C2PSA spli
 ``pruned_splits`` (the n-th channel split its own code makes -> the sizes to split at now), and
 forward hooks run its code under a mode that replays those splits at those sizes. While one of
 the modules its code calls runs, the mode steps aside: their operations then cost nothing extra,
-and the splits counted are the module's own. One mechanism for every module type: nothing here names
-a module class.
+and the splits counted are the module's own. One mechanism for every module type: nothing here
+names a module class.
 
-This lives here, not in a stage module: a stage runs as ``__main__``, and pickle records the
-hooks by their module's name; from here every process that loads a checkpoint finds them.
+pickle records the two hooks by this module's name, so a process that loads a pruned checkpoint
+imports it; checkpoints of earlier versions name it ``stages.common.layers``, a name it answers
+to as well.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -116,3 +118,7 @@ def set_pruned_splits(
     for callee in callees:
         callee.pauses_caller_splits = True
         _hook(callee)
+
+
+# Checkpoints written before the move of this module unpickle their hooks from its former name.
+sys.modules.setdefault("stages.common.layers", sys.modules[__name__])

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from stages.common.cli import UserError
-from stages.common.runtime import PROJECT_ROOT
+from stages.pipeline.cli import UserError
+from stages.pipeline.runtime import PROJECT_ROOT
 
 PARAMS_FILE = PROJECT_ROOT / "params.yaml"
 
@@ -253,7 +253,8 @@ def _require(mapping: Mapping[str, Any], name: str, parent: str) -> Any:
     if name not in mapping:
         where = f"{parent}.{name}" if parent else name
         raise ParamsError(
-            f"params.yaml: missing key {where}; add it (see the README for its meaning)."
+            f"params.yaml: missing key {where}; add it (the project's params.yaml has every key, "
+            f"with a comment on its meaning)."
         )
     return mapping[name]
 

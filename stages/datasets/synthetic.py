@@ -23,20 +23,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-# VisDrone DET categories 1..10, in order (0 = ignored region, 11 = others).
-VISDRONE_CLASSES = (
-    "pedestrian",
-    "people",
-    "bicycle",
-    "car",
-    "van",
-    "truck",
-    "tricycle",
-    "awning-tricycle",
-    "bus",
-    "motor",
-)
-IGNORED_REGION, OTHERS = 0, 11
+from stages.datasets.visdrone import IGNORED_REGION, OTHERS, VISDRONE_CLASSES
 
 # How often each class is drawn (VisDrone's order of frequency, flattened so rare classes
 # still have enough examples to learn from a few hundred images).
@@ -108,79 +95,113 @@ def _jitter(rng: np.random.Generator, colour: tuple[int, int, int], amount: int 
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in colour)
 
 
+_DARK = (25, 25, 30)
+_GLASS = (40, 45, 50)
+
+
+def _random_colour(rng: np.random.Generator) -> tuple[int, ...]:
+    return tuple(int(c) for c in rng.integers(30, 230, 3))
+
+
+def _person(name: str, hl: float, hw: float, rng: np.random.Generator) -> list:
+    """pedestrian: shoulders and a head seen from above; people: seated, legs stretched."""
+    cloth = _random_colour(rng)
+    if name == "pedestrian":
+        return [(_ellipse(hl * 0.55, hw), cloth), (_ellipse(hl * 0.35, hw * 0.45), (30, 40, 60))]
+    return [
+        (_rect(-hl * 0.1, -hw * 0.35, hl, hw * 0.35), (60, 70, 110)),
+        (_ellipse(hl * 0.45, hw, du=-hl * 0.4), cloth),
+        (_ellipse(hl * 0.25, hw * 0.4, du=-hl * 0.45), (30, 40, 60)),
+    ]
+
+
+def _two_wheeler(name: str, hl: float, hw: float, rng: np.random.Generator) -> list:
+    """bicycle: two thin wheels and a frame; motor: a dark body with a rider on it."""
+    if name == "bicycle":
+        return [
+            (_ellipse(hw, hw * 0.35, du=-hl + hw), _DARK),
+            (_ellipse(hw, hw * 0.35, du=hl - hw), _DARK),
+            (_rect(-hl + hw, -0.6, hl - hw, 0.6), (40, 40, 150)),
+        ]
+    rider = _random_colour(rng)
+    return [(_ellipse(hl, hw * 0.7), (35, 35, 45)), (_ellipse(hl * 0.35, hw, du=-hl * 0.1), rider)]
+
+
+def _car_or_van(name: str, hl: float, hw: float, rng: np.random.Generator) -> list:
+    body = _jitter(rng, CAR_COLOURS[rng.integers(len(CAR_COLOURS))])
+    front = 0.55 if name == "car" else 0.75
+    parts = [
+        (_rect(-hl, -hw, hl, hw), body),
+        (_rect(hl * front - hl * 0.22, -hw * 0.8, hl * front, hw * 0.8), _GLASS),
+    ]
+    if name == "car":
+        parts.append((_rect(-hl * 0.75, -hw * 0.75, -hl * 0.6, hw * 0.75), _GLASS))
+    else:
+        parts.append((_rect(-hl * 0.8, -hw * 0.6, hl * 0.4, hw * 0.6), _jitter(rng, body, 12)))
+    return parts
+
+
+def _truck(_name: str, hl: float, hw: float, rng: np.random.Generator) -> list:
+    """A cab, a gap, a long cargo box."""
+    cab = _jitter(rng, CAR_COLOURS[rng.integers(len(CAR_COLOURS))])
+    cargo = _jitter(rng, CARGO_COLOURS[rng.integers(len(CARGO_COLOURS))])
+    return [
+        (_rect(hl * 0.62, -hw * 0.85, hl, hw * 0.85), cab),
+        (_rect(hl * 0.85, -hw * 0.7, hl * 0.97, hw * 0.7), _GLASS),
+        (_rect(-hl, -hw, hl * 0.56, hw), cargo),
+    ]
+
+
+def _tricycle(name: str, hl: float, hw: float, rng: np.random.Generator) -> list:
+    """A front wedge and a rear box; the awning kind has a striped canopy over the box."""
+    body = _jitter(rng, [(60, 90, 150), (150, 90, 40), (60, 140, 60)][rng.integers(3)])
+    parts = [
+        (np.array([[hl, 0], [hl * 0.2, -hw * 0.6], [hl * 0.2, hw * 0.6]]), body),
+        (_rect(-hl, -hw, hl * 0.2, hw), body),
+    ]
+    if name == "tricycle":
+        return [*parts, (_rect(-hl * 0.8, -hw * 0.7, 0, hw * 0.7), _jitter(rng, body, 30))]
+    stripe = _jitter(rng, [(40, 40, 200), (200, 120, 40), (40, 160, 220)][rng.integers(3)])
+    stripes = 4
+    for i in range(stripes):
+        u0 = -hl + i * (hl * 1.2) / stripes
+        colour = stripe if i % 2 == 0 else (235, 235, 235)
+        parts.append((_rect(u0, -hw, u0 + hl * 1.2 / stripes, hw), colour))
+    return parts
+
+
+def _bus(_name: str, hl: float, hw: float, rng: np.random.Generator) -> list:
+    """A long body, a row of windows along each side, roof units."""
+    body = _jitter(rng, BUS_COLOURS[rng.integers(len(BUS_COLOURS))])
+    parts = [(_rect(-hl, -hw, hl, hw), body)]
+    for i in range(7):
+        u0 = -hl * 0.9 + i * hl * 0.26
+        parts.append((_rect(u0, -hw, u0 + hl * 0.18, -hw * 0.72), (50, 45, 40)))
+        parts.append((_rect(u0, hw * 0.72, u0 + hl * 0.18, hw), (50, 45, 40)))
+    parts.append((_rect(-hl * 0.2, -hw * 0.4, hl * 0.2, hw * 0.4), (200, 200, 200)))
+    return parts
+
+
+# Who draws each class (name, half length, half width, rng) -> [(polygon, colour), ...]
+_DRAWERS = {
+    "pedestrian": _person,
+    "people": _person,
+    "bicycle": _two_wheeler,
+    "motor": _two_wheeler,
+    "car": _car_or_van,
+    "van": _car_or_van,
+    "truck": _truck,
+    "tricycle": _tricycle,
+    "awning-tricycle": _tricycle,
+    "bus": _bus,
+}
+
+
 def _parts(name: str, length: float, width: float, rng: np.random.Generator) -> list:
     """The polygons (object-local, centred) and colours that draw one object of a class."""
-    hl, hw = length / 2, width / 2
-    dark = (25, 25, 30)
-    if name == "pedestrian":  # shoulders and a head seen from above
-        cloth = tuple(int(c) for c in rng.integers(30, 230, 3))
-        return [(_ellipse(hl * 0.55, hw), cloth), (_ellipse(hl * 0.35, hw * 0.45), (30, 40, 60))]
-    if name == "people":  # seated: body with legs stretched forward
-        cloth = tuple(int(c) for c in rng.integers(30, 230, 3))
-        return [
-            (_rect(-hl * 0.1, -hw * 0.35, hl, hw * 0.35), (60, 70, 110)),
-            (_ellipse(hl * 0.45, hw, du=-hl * 0.4), cloth),
-            (_ellipse(hl * 0.25, hw * 0.4, du=-hl * 0.45), (30, 40, 60)),
-        ]
-    if name == "bicycle":  # two thin wheels and a frame
-        r = hw
-        return [
-            (_ellipse(r, r * 0.35, du=-hl + r), dark),
-            (_ellipse(r, r * 0.35, du=hl - r), dark),
-            (_rect(-hl + r, -0.6, hl - r, 0.6), (40, 40, 150)),
-        ]
-    if name == "motor":  # dark body with a rider on it
-        rider = tuple(int(c) for c in rng.integers(30, 230, 3))
-        return [
-            (_ellipse(hl, hw * 0.7), (35, 35, 45)),
-            (_ellipse(hl * 0.35, hw, du=-hl * 0.1), rider),
-        ]
-    if name in ("car", "van"):
-        body = _jitter(rng, CAR_COLOURS[rng.integers(len(CAR_COLOURS))])
-        front = 0.55 if name == "car" else 0.75
-        parts = [
-            (_rect(-hl, -hw, hl, hw), body),
-            (_rect(hl * front - hl * 0.22, -hw * 0.8, hl * front, hw * 0.8), (40, 45, 50)),
-        ]
-        if name == "car":
-            parts.append((_rect(-hl * 0.75, -hw * 0.75, -hl * 0.6, hw * 0.75), (40, 45, 50)))
-        else:
-            parts.append((_rect(-hl * 0.8, -hw * 0.6, hl * 0.4, hw * 0.6), _jitter(rng, body, 12)))
-        return parts
-    if name == "truck":  # cab, a gap, a long cargo box
-        cab = _jitter(rng, CAR_COLOURS[rng.integers(len(CAR_COLOURS))])
-        cargo = _jitter(rng, CARGO_COLOURS[rng.integers(len(CARGO_COLOURS))])
-        return [
-            (_rect(hl * 0.62, -hw * 0.85, hl, hw * 0.85), cab),
-            (_rect(hl * 0.85, -hw * 0.7, hl * 0.97, hw * 0.7), (40, 45, 50)),
-            (_rect(-hl, -hw, hl * 0.56, hw), cargo),
-        ]
-    if name in ("tricycle", "awning-tricycle"):
-        body = _jitter(rng, [(60, 90, 150), (150, 90, 40), (60, 140, 60)][rng.integers(3)])
-        parts = [
-            (np.array([[hl, 0], [hl * 0.2, -hw * 0.6], [hl * 0.2, hw * 0.6]]), body),
-            (_rect(-hl, -hw, hl * 0.2, hw), body),
-        ]
-        if name == "awning-tricycle":  # striped canopy over the rear box
-            stripe = _jitter(rng, [(40, 40, 200), (200, 120, 40), (40, 160, 220)][rng.integers(3)])
-            n = 4
-            for i in range(n):
-                u0 = -hl + i * (hl * 1.2) / n
-                colour = stripe if i % 2 == 0 else (235, 235, 235)
-                parts.append((_rect(u0, -hw, u0 + hl * 1.2 / n, hw), colour))
-        else:
-            parts.append((_rect(-hl * 0.8, -hw * 0.7, 0, hw * 0.7), _jitter(rng, body, 30)))
-        return parts
-    if name == "bus":  # long body, a row of windows along each side, roof units
-        body = _jitter(rng, BUS_COLOURS[rng.integers(len(BUS_COLOURS))])
-        parts = [(_rect(-hl, -hw, hl, hw), body)]
-        for i in range(7):
-            u0 = -hl * 0.9 + i * hl * 0.26
-            parts.append((_rect(u0, -hw, u0 + hl * 0.18, -hw * 0.72), (50, 45, 40)))
-            parts.append((_rect(u0, hw * 0.72, u0 + hl * 0.18, hw), (50, 45, 40)))
-        parts.append((_rect(-hl * 0.2, -hw * 0.4, hl * 0.2, hw * 0.4), (200, 200, 200)))
-        return parts
-    raise ValueError(f"unknown class {name!r}")
+    if name not in _DRAWERS:
+        raise ValueError(f"unknown class {name!r}")
+    return _DRAWERS[name](name, length / 2, width / 2, rng)
 
 
 def _noise_field(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
@@ -270,17 +291,13 @@ def _overlap(a: tuple, b: tuple) -> float:
     return iw * ih / max(small, 1e-9)
 
 
-def render_scene(rng: np.random.Generator, spec: SceneSpec) -> tuple[np.ndarray, list[str]]:
-    """One image (BGR uint8) and its VisDrone annotation lines."""
-    size = spec.image_size
-    img, roads, lots = _ground(rng, size)
-    owner = np.zeros((size, size), np.int32)  # which drawn thing is on top at each pixel
-    sun = rng.uniform(0, 2 * math.pi)
-    altitude = float(np.clip(np.exp(rng.normal(0.3, 0.4)), 0.5, 2.8)) * size / 256
-    lines: list[str] = []
-
-    ignored = []
-    for _ in range(rng.binomial(2, 0.2)):  # blurred crowds nobody could label: ignored regions
+def _ignored_regions(
+    rng: np.random.Generator, img: np.ndarray
+) -> tuple[list[tuple[int, int, int, int]], list[str]]:
+    """Blurred crowds nobody could label, drawn into ``img``: their boxes and annotation lines."""
+    size = img.shape[0]
+    ignored, lines = [], []
+    for _ in range(rng.binomial(2, 0.2)):
         rw, rh = rng.uniform(0.08, 0.2, 2) * size
         x0, y0 = rng.uniform(0, size - rw), rng.uniform(0, size - rh)
         x0i, y0i, x1i, y1i = int(x0), int(y0), int(x0 + rw), int(y0 + rh)
@@ -292,10 +309,58 @@ def render_scene(rng: np.random.Generator, spec: SceneSpec) -> tuple[np.ndarray,
         img[y0i:y1i, x0i:x1i] = cv2.GaussianBlur(img[y0i:y1i, x0i:x1i], (0, 0), 1.5)
         ignored.append((x0i, y0i, x1i, y1i))
         lines.append(f"{x0i},{y0i},{x1i - x0i},{y1i - y0i},0,{IGNORED_REGION},0,0")
+    return ignored, lines
 
+
+def _object_parts(
+    rng: np.random.Generator, others: bool, name: str, length: float, width: float
+) -> list:
+    """The polygons (and colours) an object is drawn from; ``others`` is a handcart-like thing
+    that is not one of the 10 classes."""
+    if others:
+        return [
+            (_rect(-length / 3, -width / 2, length / 3, width / 2), (40, 80, 120)),
+            (np.array([[-length / 3, -width / 2], [length / 3, width / 2]]), (20, 20, 20)),
+        ]
+    return _parts(name, length, width, rng)
+
+
+def _draw_object(
+    img: np.ndarray,
+    owner: np.ndarray,
+    parts: list,
+    pose: tuple,
+    shadow: np.ndarray | None,
+    label: int,
+) -> None:
+    """Draw ``parts`` at ``pose`` (cx, cy, angle) over a soft ``shadow`` polygon (if any), and
+    mark the pixels ``label`` owns."""
+    if shadow is not None:
+        cv2.fillConvexPoly(img, np.round(shadow).astype(np.int32), (35, 40, 40), cv2.LINE_AA)
+    for poly, colour in parts:
+        p = np.round(_rotated(poly, *pose)).astype(np.int32)
+        if len(poly) == 2:
+            cv2.line(img, tuple(p[0]), tuple(p[1]), colour, 1, cv2.LINE_AA)
+        else:
+            cv2.fillPoly(img, [p], colour, cv2.LINE_AA)
+            cv2.fillPoly(owner, [p], label)
+
+
+def _place_objects(
+    rng: np.random.Generator,
+    img: np.ndarray,
+    owner: np.ndarray,
+    spec: SceneSpec,
+    scene: tuple,
+    ignored: list,
+) -> list[_Placed]:
+    """Draw the labelled objects by rejection sampling (some poses collide or fall outside);
+    ``scene`` is (roads, lots, altitude, sun)."""
+    size = spec.image_size
+    roads, lots, altitude, sun = scene
     placed: list[_Placed] = []
     n_objects = int(rng.integers(spec.objects_min, spec.objects_max + 1))
-    for _ in range(n_objects * 3):  # rejection sampling: some poses collide or fall outside
+    for _ in range(n_objects * 3):
         if len(placed) == n_objects:
             break
         others = rng.random() < 0.01
@@ -308,13 +373,7 @@ def render_scene(rng: np.random.Generator, spec: SceneSpec) -> tuple[np.ndarray,
         scale = altitude * rng.uniform(0.85, 1.2)
         length, width = base_l * scale, base_w * scale
         cx, cy, angle = _pose(rng, name, size, roads, lots)
-        if others:  # a handcart-like thing that is not one of the 10 classes
-            parts = [
-                (_rect(-length / 3, -width / 2, length / 3, width / 2), (40, 80, 120)),
-                (np.array([[-length / 3, -width / 2], [length / 3, width / 2]]), (20, 20, 20)),
-            ]
-        else:
-            parts = _parts(name, length, width, rng)
+        parts = _object_parts(rng, others, name, length, width)
         pts = np.concatenate([_rotated(p, cx, cy, angle) for p, _ in parts])
         box = (pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max() + 1, pts[:, 1].max() + 1)
         bw, bh = box[2] - box[0], box[3] - box[1]
@@ -328,31 +387,34 @@ def render_scene(rng: np.random.Generator, spec: SceneSpec) -> tuple[np.ndarray,
         ):
             continue
         label = len(placed) + 1
+        shadow = None
         if name in VEHICLES or others:  # soft shadow away from the sun
             shift = np.array([math.cos(sun), math.sin(sun)]) * width * 0.25
-            shadow = _rotated(_rect(-length / 2, -width / 2, length / 2, width / 2), cx, cy, angle)
-            cv2.fillConvexPoly(
-                img, np.round(shadow + shift).astype(np.int32), (35, 40, 40), cv2.LINE_AA
-            )
-        for poly, colour in parts:
-            p = np.round(_rotated(poly, cx, cy, angle)).astype(np.int32)
-            if len(poly) == 2:
-                cv2.line(img, tuple(p[0]), tuple(p[1]), colour, 1, cv2.LINE_AA)
-            else:
-                cv2.fillPoly(img, [p], colour, cv2.LINE_AA)
-                cv2.fillPoly(owner, [p], label)
+            body = _rect(-length / 2, -width / 2, length / 2, width / 2)
+            shadow = _rotated(body, cx, cy, angle) + shift
+        _draw_object(img, owner, parts, (cx, cy, angle), shadow, label)
         x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
         drawn = int((owner[y0 : int(box[3]) + 1, x0 : int(box[2]) + 1] == label).sum())
         category = OTHERS if others else VISDRONE_CLASSES.index(name) + 1
         placed.append(_Placed(category, box, label, truncation, max(drawn, 1)))
+    return placed
 
-    for _ in range(rng.integers(0, 5)):  # trees occlude whatever is under them
+
+def _trees(rng: np.random.Generator, img: np.ndarray, owner: np.ndarray) -> None:
+    """Trees occlude whatever is under them."""
+    size = img.shape[0]
+    for _ in range(rng.integers(0, 5)):
         cx, cy = rng.uniform(0, size, 2)
         r = rng.uniform(0.02, 0.06) * size
         cv2.circle(img, (int(cx), int(cy)), int(r), _jitter(rng, (40, 85, 35), 12), -1, cv2.LINE_AA)
         cv2.circle(owner, (int(cx), int(cy)), int(r), -1, -1)
 
+
+def _object_lines(placed: list[_Placed], owner: np.ndarray) -> list[str]:
+    """VisDrone annotation lines of the placed objects, with truncation and occlusion levels
+    measured on the pixels each still owns."""
     visible = np.bincount(owner[owner > 0].ravel(), minlength=len(placed) + 1)
+    lines = []
     for p in placed:
         hidden = 1 - visible[p.label] / p.drawn_pixels
         occlusion = 0 if hidden < 0.01 else (1 if hidden <= 0.5 else 2)  # VisDrone's levels
@@ -360,7 +422,20 @@ def render_scene(rng: np.random.Generator, spec: SceneSpec) -> tuple[np.ndarray,
         x, y = round(p.box[0]), round(p.box[1])
         w, h = round(p.box[2] - p.box[0]), round(p.box[3] - p.box[1])
         lines.append(f"{x},{y},{w},{h},1,{p.category},{truncated},{occlusion}")
+    return lines
 
+
+def render_scene(rng: np.random.Generator, spec: SceneSpec) -> tuple[np.ndarray, list[str]]:
+    """One image (BGR uint8) and its VisDrone annotation lines."""
+    size = spec.image_size
+    img, roads, lots = _ground(rng, size)
+    owner = np.zeros((size, size), np.int32)  # which drawn thing is on top at each pixel
+    sun = rng.uniform(0, 2 * math.pi)
+    altitude = float(np.clip(np.exp(rng.normal(0.3, 0.4)), 0.5, 2.8)) * size / 256
+    ignored, lines = _ignored_regions(rng, img)
+    placed = _place_objects(rng, img, owner, spec, (roads, lots, altitude, sun), ignored)
+    _trees(rng, img, owner)
+    lines += _object_lines(placed, owner)
     # camera: exposure, slight defocus and sensor noise
     img = img * rng.uniform(0.8, 1.15) + rng.uniform(-15, 15)
     img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 0.8))

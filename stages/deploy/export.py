@@ -14,23 +14,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from stages.common import params as P
-from stages.common import yolo
-from stages.common.runtime import TMP_DIR
-
-# The trt_build params section: the stage and the benchmark tool read it.
-TRT_BUILD = P.Section(
-    {
-        "batch": P.Int(1, 256),
-        "opset": P.Int(9, 100),
-        "precision": P.Choice("fp32", "fp16", "int8"),
-        "workspace_gb": P.Float(0, 1024, open_lo=True),
-        "calibration_images": P.Int(0, 100_000),
-        "int8_calibration": P.Choice("minmax", "percentile", "entropy"),
-        "int8_exclude": P.Regexes(),
-        "int8_min_agreement": P.Float(0, 1),
-    }
-)
+from stages.pipeline.runtime import TMP_DIR
+from stages.yolo.models import load_detector
 
 
 def _work_checkpoint() -> Path:
@@ -58,7 +43,7 @@ def export_model_onnx(model: nn.Module, out: Path, imgsz: int, batch: int, opset
 
 
 def _export(checkpoint: Path, out: Path, imgsz: int, batch: int, opset: int) -> float:
-    detector = yolo.load_detector(checkpoint)
+    detector = load_detector(checkpoint)
     onnx_file = detector.export(
         format="onnx",
         imgsz=imgsz,

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from stages.common.runtime import PROJECT_ROOT
+from stages.pipeline.runtime import PROJECT_ROOT
 
 
 @contextmanager

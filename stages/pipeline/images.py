@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.common.cli import UserError
-from stages.common.runtime import PROJECT_ROOT
+from stages.pipeline.cli import UserError
+from stages.pipeline.runtime import PROJECT_ROOT
 
 if TYPE_CHECKING:
     import torch

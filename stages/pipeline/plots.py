@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.common.outputs import save_figure
+from stages.pipeline.outputs import save_figure
 
 
 def plot_accuracy_vs_cost(

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ChannelId = tuple[str, int]  # (name of the producing nn.Conv2d, output channel index)
+from stages.compress.pruning.dependency import ChannelId
+
+COUNTED = ("params_m", "gflops")  # targets counted on a plan; a latency target is measured
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,21 @@ def pruned_cost(
         params += out * per_output + (out if shape.bias else 0)
         macs += shape.out_pixels * out * per_output
     return params, macs
+
+
+def counted_cost(
+    shapes: Mapping[str, ConvShape], inputs: Mapping[str, list[ChannelId | None]], target: str
+) -> Callable[[set[ChannelId]], float]:
+    """The fused model's params in millions (``target`` 'params_m') or GFLOPs ('gflops') once
+    the given channels are cut, as a function of those channels."""
+    if target not in COUNTED:
+        raise ValueError(f"{target!r} is not counted; expected one of {COUNTED}")
+
+    def value(removed: set[ChannelId]) -> float:
+        params, macs = pruned_cost(shapes, inputs, removed)
+        return params / 1e6 if target == "params_m" else 2 * macs / 1e9
+
+    return value
 
 
 def channel_macs(

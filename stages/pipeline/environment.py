@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from stages.common.runtime import KERNEL_CAPS, cpu_threads
+from stages.pipeline.runtime import KERNEL_CAPS, cpu_threads
 
 # The distributions whose versions change numbers (training, augmentation, export, evaluation).
 PACKAGES = (

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.common import quantize
+from stages.deploy.onnxrt import onnx_session
 
 
 def torch_runner(model: torch.nn.Module, imgsz: int, device: str) -> Callable[[], object]:
@@ -30,8 +30,8 @@ def torch_runner(model: torch.nn.Module, imgsz: int, device: str) -> Callable[[]
 
 def onnx_runner(path: Path, shape: list[int]) -> Callable[[], object]:
     """One ONNX Runtime (CPU) pass at the exported, static input shape (an INT8 Q/DQ model runs
-    as :func:`quantize.onnx_session` prepares it for this CPU)."""
-    session = quantize.onnx_session(path)
+    as :func:`stages.deploy.onnxrt.onnx_session` prepares it for this CPU)."""
+    session = onnx_session(path)
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).random(shape, np.float32)}
     return lambda: session.run(None, feed)
 

@@ -13,7 +13,7 @@ import torch or ultralytics, so these settings hold everywhere:
 - on x86 CPUs with AVX2, torch, oneDNN and MKL are capped to their AVX2 kernels
   (:data:`KERNEL_CAPS`), so that a CPU with AVX-512 runs the same kernels, with the same float
   summation order, as one without: training amplifies the last-bit differences of other kernels
-  into different models (see README, "Reproducibility"). A value the user set is kept.
+  into different models (see docs/reproducibility.md). A value the user set is kept.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stages.common.cli import UserError
+from stages.pipeline.cli import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = PROJECT_ROOT / ".cache"

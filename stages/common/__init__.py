@@ -1,1 +1,0 @@
-"""Helpers shared by several stages: params, runtime, outputs, ultralytics glue."""
