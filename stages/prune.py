@@ -56,6 +56,7 @@ SPARSE = PROJECT_ROOT / "models" / "sparse.pt"
 MODEL_OUT = PROJECT_ROOT / "models" / "pruned.pt"
 REPORT_DIR = PROJECT_ROOT / "reports" / "prune"
 NOT_SPARSE_GAMMA = 0.1  # pruning a channel with a larger |gamma| removes real signal
+NEAR_ZERO_GAMMA = 0.01  # a channel below this is near zero: removing it is (nearly) free
 
 # Where a latency budget is measured; TensorRT candidates are fp16 engines on GPU 0.
 RUNTIMES = ("onnxruntime-cpu", "torch-cpu", "tensorrt")
@@ -253,10 +254,21 @@ def plot_channels(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def live_channels(graph: ChannelGraph, gammas: dict[str, torch.Tensor], channels: set) -> int:
+    """How many of ``channels`` have |gamma| of at least NEAR_ZERO_GAMMA."""
+    return sum(
+        float(gammas[graph.bn_after[c]][i].abs()) >= NEAR_ZERO_GAMMA
+        for c, i in channels
+        if c in graph.bn_after
+    )
+
+
 def prune_metrics(
-    record: dict, chosen: PrunePlan, before: dict, after: dict, ap50: float, largest: float
+    record: dict, chosen: PrunePlan, before: dict, after: dict, ap50: float, gammas: tuple
 ) -> dict:
-    """prune.json: where the ratio came from, what was removed, sizes before and after."""
+    """prune.json: where the ratio came from, what was removed (how many of those channels were
+    not near zero), sizes before and after. ``gammas``: (graph, scales) of the sparse model."""
+    graph, scales = gammas
     return {
         **record,
         "ratio_achieved": round(chosen.removed_prunable / max(chosen.prunable, 1), 4),
@@ -268,7 +280,8 @@ def prune_metrics(
         "gmacs_before": round(before["macs_g"], 4),
         "gmacs_after": round(after["macs_g"], 4),
         "ap50_after_prune": round(ap50, 4),
-        "largest_removed_gamma": round(largest, 6),
+        "largest_removed_gamma": round(importance.largest_gamma(graph, scales, chosen.removed), 6),
+        "removed_live_channels": live_channels(graph, scales, chosen.removed),
         "capped_spaces": sum(s.capped for s in chosen.spaces),
     }
 
@@ -312,6 +325,15 @@ def summary_lines(metrics: dict, chosen: PrunePlan, section: dict, imgsz: int) -
                 f"{len(capped)} spaces, e.g. {capped[0]}",
             )
         )
+    if metrics["removed_live_channels"]:
+        lines.append(
+            (
+                f"removed with |gamma| >= {NEAR_ZERO_GAMMA:g}",
+                f"{metrics['removed_live_channels']} of {len(chosen.removed)} channels: more than "
+                f"are near zero. Lower prune.ratio, or raise sparse_train.target_sparsity above "
+                f"the ratio achieved ({metrics['ratio_achieved']:.3f})",
+            )
+        )
     warning = not_sparse_warning(metrics["largest_removed_gamma"])
     if warning:
         lines.append(("WARNING", warning))
@@ -338,7 +360,6 @@ def main() -> None:
     gammas = importance.bn_gammas(model)
     chosen, record = choose_plan(model, graph, gammas, params, skip)
     before_size, before_channels = model_size(model, imgsz), conv_channels(model, graph)
-    largest_removed = importance.largest_gamma(graph, gammas, chosen.removed)
 
     images = calibration_batch(TRAIN_IMAGES, section["calibration_images"], imgsz)
     surgery.remove_channels(model, graph, chosen.removed, images)
@@ -346,7 +367,7 @@ def main() -> None:
     save_pruned(model, detector.ckpt)
     ap50 = val_ap50(load_detector(MODEL_OUT), "prune", params)
 
-    metrics = prune_metrics(record, chosen, before_size, after_size, ap50, largest_removed)
+    metrics = prune_metrics(record, chosen, before_size, after_size, ap50, (graph, gammas))
     write_json(REPORT_DIR / "prune.json", metrics)
     rows = [
         {"layer": n.removesuffix(".conv"), "before": before_channels[n], "after": after_channels[n]}

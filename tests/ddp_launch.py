@@ -49,10 +49,12 @@ def run_worker(trainer_class: type, model: YOLO, run_name: str, args: dict[str, 
 def main() -> None:
     params = load(sparse_train.SCHEMA)
     section = params["sparse_train"]
-    trainer = sparse_train.sparse_trainer(section, ap50_start=0.0)
+    model = load_detector(sparse_train.BASELINE)
+    _, groups, weights = sparse_train.penalty_layout(model, section, params["imgsz"])
+    trainer = sparse_train.sparse_trainer(section, 0.0, groups, weights)
     worker = run_worker(
         trainer,
-        load_detector(sparse_train.BASELINE),
+        model,
         "ddp-sparse_train",
         training_args(params, section),
     )

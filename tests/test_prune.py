@@ -22,7 +22,7 @@ from stages.compress.pruning.dependency import InconsistentModule, UnprunableErr
 from stages.compress.pruning.importance import bn_gammas, largest_gamma, plan
 from stages.compress.pruning.surgery import keep_width_readers, remove_channels
 from stages.pipeline.cli import UserError
-from stages.prune import SCHEMA, not_sparse_warning
+from stages.prune import SCHEMA, live_channels, not_sparse_warning
 from stages.tools.exactness import exactness, random_detector, relative_difference, silence
 from stages.yolo.heads import detect_prefix
 from stages.yolo.models import load_detector, model_size
@@ -474,3 +474,30 @@ def test_a_checkpoint_naming_the_former_replay_module_loads(tmp_path: Path) -> N
     with torch.no_grad():
         expected = float(model.float().eval()(torch.rand(1, 3, 64, 64))[0].abs().sum())
     assert float(done.stdout.split()[-1]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_tied_channels_share_a_batchnorm_group() -> None:
+    """Every BatchNorm channel gets the id of its tied group: the residual ties of a C2f join
+    channels of different BatchNorms, and the number of ids is the graph's number of groups over
+    convs with a BatchNorm."""
+    model = _model()
+    graph = trace(model)
+    sizes = {n: m.num_features for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    groups = graph.batchnorm_groups(sizes)
+    assert [len(groups[n]) for n in sizes] == list(sizes.values())
+    with_bn = {root for root, members in graph.groups().items() if members[0][0] in graph.bn_after}
+    assert len({g for ids in groups.values() for g in ids}) == len(with_bn)
+    ties = [ids for ids in groups.values()]
+    flat = [g for ids in ties for g in ids]
+    assert len(set(flat)) < len(flat)  # some ids are shared across BatchNorms: the residuals
+
+
+def test_prune_counts_the_removed_channels_that_were_not_near_zero() -> None:
+    model = _model()
+    graph = trace(model)
+    gammas = bn_gammas(model)
+    removed = plan(graph, gammas, 0.3, "global", 8, 8).removed
+    assert live_channels(graph, gammas, removed) == len(removed)  # |gamma| in [0.5, 1.5]
+    for conv, i in list(removed)[:10]:
+        gammas[graph.bn_after[conv]][i] = 0.0
+    assert live_channels(graph, gammas, removed) == len(removed) - 10

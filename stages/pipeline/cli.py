@@ -2,9 +2,11 @@
 
 Every stage and tool ends with ``cli.run(main, __doc__)``. A :class:`UserError` (a bad param, a
 missing or corrupt input, an unmet budget: something the user must fix) is printed as
-``<command>: <message>`` and exits with status 1. Any other exception is a bug in this project and
-propagates with its full traceback. ``PIPELINE_TRACEBACK=1`` shows the traceback of user errors
-too. ``--help`` prints the module docstring: what the command reads and writes.
+``<command>: <message>`` and exits with status 1. Ctrl-C prints one line and exits with 130 (every
+output is written atomically: none is left half-written). Any other exception is a
+bug in this project and propagates with its full traceback. ``PIPELINE_TRACEBACK=1`` shows the
+traceback of user errors and interruptions too. ``--help`` prints the module docstring: what the
+command reads and writes.
 """
 
 from __future__ import annotations
@@ -31,16 +33,30 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     )
 
 
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
+
+
 @contextmanager
 def user_errors_as_messages(command: str) -> Iterator[None]:
-    """Turn a :class:`UserError` into ``command: message`` on stderr and exit status 1."""
+    """Turn a :class:`UserError` into ``command: message`` on stderr and exit status 1, and
+    Ctrl-C into one line and exit status 130."""
+    tracebacks = os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0")
     try:
         yield
     except UserError as err:
-        if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+        if tracebacks:
             raise
         print(f"{command}: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        if tracebacks:
+            raise
+        print(
+            f"{command}: interrupted; no output is half-written (each is the last good run's, "
+            f"or complete), and `dvc repro` runs this stage again",
+            file=sys.stderr,
+        )
+        sys.exit(INTERRUPTED)
 
 
 def run(main: Callable[..., object], doc: str | None = None) -> None:

@@ -140,6 +140,35 @@ class Pattern:
 DEVICE = Pattern(r"cpu|\d+(,\d+)*", "'cpu' or CUDA device indices such as '0' or '0,1'")
 
 
+def cuda_devices() -> int:
+    """How many CUDA devices torch sees here (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@dataclass(frozen=True)
+class Device:
+    """'cpu', or indices of CUDA devices this machine has."""
+
+    def describe(self) -> str:
+        return DEVICE.describe()
+
+    def check(self, key: str, value: Any) -> str:
+        value = DEVICE.check(key, value)
+        if value == "cpu":
+            return value
+        count = cuda_devices()
+        missing = [i for i in value.split(",") if int(i) >= count]
+        if missing:
+            seen = f"{count} CUDA device(s), 0 to {count - 1}" if count else "no CUDA device"
+            raise ParamsError(
+                f"params.yaml: {key} = {value!r} names CUDA device {missing[0]}, but torch sees "
+                f"{seen} on this machine. Set {key}: cpu (or `dvc exp run -S {key}=cpu`)."
+            )
+        return value
+
+
 @dataclass(frozen=True)
 class StrList:
     """A list of strings (possibly empty)."""
@@ -259,6 +288,26 @@ def _require(mapping: Mapping[str, Any], name: str, parent: str) -> Any:
     return mapping[name]
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a mapping with the same key twice (PyYAML keeps the last one
+    silently; DVC refuses the file)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """The raw params mapping, with a clear error for a missing or malformed file."""
     if not path.exists():
@@ -266,7 +315,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
             f"{path} not found: run the stage from the project root, next to dvc.yaml."
         )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
+    except _DuplicateKey as err:
+        raise ParamsError(
+            f"{path}:{err.line}: the key {err.key!r} is given twice in one section; keep one."
+        ) from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -285,4 +338,4 @@ def load(schema: Mapping[str, Any], path: Path = PARAMS_FILE) -> dict[str, Any]:
 
 
 # Top-level settings shared by the stages that train or measure models.
-COMMON = {"seed": Int(0), "imgsz": Int(32, 4096, multiple=32), "device": DEVICE}
+COMMON = {"seed": Int(0), "imgsz": Int(32, 4096, multiple=32), "device": Device()}

@@ -84,10 +84,32 @@ def check_project_root(root: Path = PROJECT_ROOT) -> None:
         )
 
 
+def enclosing_project(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` that holds dvc.yaml and params.yaml, or None."""
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+            return folder
+    return None
+
+
+def check_working_directory(root: Path = PROJECT_ROOT, cwd: Path | None = None) -> None:
+    """Refuse to run inside another checkout than the one this package belongs to: its
+    params.yaml and data/ would be silently ignored, and this one's written instead."""
+    here = enclosing_project((cwd or Path.cwd()).resolve())
+    if here is not None and here != root.resolve():
+        raise UserError(
+            f"this is the stages package of {root}, but the current directory is inside the "
+            f"project {here}: its params.yaml and data/ would be ignored and {root}'s used. Run "
+            f"from {root}, or run {here}'s own code (from its root, `python -m` takes the "
+            f"package beside it; or `pip install -e {here}`)."
+        )
+
+
 def configure_environment() -> None:
     """Set the process environment for offline, self-contained runs (idempotent); refuse to run
-    outside a checkout of the project."""
+    outside a checkout of the project, or inside another one."""
     check_project_root()
+    check_working_directory()
     for path in (CACHE_DIR, ULTRALYTICS_USER_DIR, TMP_DIR):
         path.mkdir(parents=True, exist_ok=True)
     threads = str(cpu_threads())

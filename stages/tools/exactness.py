@@ -29,8 +29,9 @@ from stages.compress.pruning.dependency import ChannelGraph, ChannelId, Unprunab
 from stages.pipeline import cli
 from stages.pipeline.outputs import atomic_path, print_summary
 from stages.pipeline.params import ParamsError
+from stages.yolo.heads import prediction_tensors
 from stages.yolo.models import check_detector_config
-from stages.yolo.pruning import channel_graph, prediction_tensors
+from stages.yolo.pruning import channel_graph
 
 
 def random_detector(config: str, seed: int) -> DetectionModel:

@@ -1,5 +1,6 @@
 """What the algorithms need to know about ultralytics' Detect head, passed to them as arguments:
-where the head is, and the feature maps it reads (what CWD distils)."""
+which outputs are predictions (pruning keeps their channels), where the head is, and the feature
+maps it reads (what CWD distils)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,18 @@ from typing import Any
 import torch
 from torch import nn
 from ultralytics.nn.modules import Detect
+
+from stages.compress.pruning.dependency import tensors_in
+
+
+def prediction_tensors(out: object) -> list[torch.Tensor]:
+    """The prediction tensors of a forward's output (ultralytics returns nested dicts; in eval
+    mode, the decoded boxes beside them).
+
+    "feats" holds the neck's maps, returned beside the predictions for the loss: they are not
+    outputs whose channels must be kept.
+    """
+    return tensors_in(out, skip_keys=("feats",))
 
 
 def detect_prefix(model: nn.Module) -> str:

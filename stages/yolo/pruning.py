@@ -1,6 +1,6 @@
-"""Pruning an ultralytics detector: the trace told which outputs are predictions, then the modules
-that read their input's width kept whole; and fresh models pruned uniformly (for size budgets and
-speed benchmarks)."""
+"""Pruning an ultralytics detector: the channel graph (the trace, told which outputs are
+predictions, then the modules that read their input's width kept whole), its tied groups of
+BatchNorm channels, and fresh models pruned uniformly (for size budgets and speed benchmarks)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,7 @@ from torch import nn
 from ultralytics.nn.tasks import DetectionModel
 
 from stages.compress.pruning import dependency, importance, surgery
-
-
-def prediction_tensors(out: object) -> list[torch.Tensor]:
-    """The prediction tensors of a forward's output (ultralytics returns nested dicts; in eval
-    mode, the decoded boxes beside them).
-
-    "feats" holds the neck's maps, returned beside the predictions for the loss: they are not
-    outputs whose channels must be kept.
-    """
-    return dependency.tensors_in(out, skip_keys=("feats",))
+from stages.yolo.heads import prediction_tensors
 
 
 def channel_graph(model: nn.Module, imgsz: int = 64) -> dependency.ChannelGraph:

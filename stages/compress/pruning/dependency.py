@@ -18,7 +18,7 @@ tensors (by default, every tensor in it).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field
@@ -120,6 +120,20 @@ class ChannelGraph:
         for name, conv in self.convs.items():
             for i in range(conv.out_channels):
                 out[self.find((name, i))].append((name, i))
+        return out
+
+    def batchnorm_groups(self, sizes: Mapping[str, int]) -> dict[str, list[int]]:
+        """The tied group of every channel of the BatchNorms ``sizes`` names (name -> channels),
+        numbered 0, 1, ...; a channel the trace did not reach is a group of its own."""
+        conv_of = {bn: conv for conv, bn in self.bn_after.items()}
+        number: dict[ChannelId, int] = {}
+        out = {}
+        for bn, size in sizes.items():
+            ids = []
+            for i in range(size):
+                root = self.find((conv_of[bn], i)) if bn in conv_of else (bn, i)
+                ids.append(number.setdefault(root, len(number)))
+            out[bn] = ids
         return out
 
 
