@@ -8,7 +8,8 @@ sequence, so that no scene is in both val and test.
 Two sources, one converter (stages/datasets/visdrone.py): `synthetic` renders a deterministic
 raw VisDrone tree first (stages/datasets/synthetic.py), `visdrone` reads a real one.
 
-Reads: params `seed` and `dataset`; for `visdrone`, the raw tree under `dataset.visdrone.root`.
+Reads: params `seed` and `dataset`; for `visdrone`, the raw tree under `dataset.visdrone.root`
+(data/raw, the stage's declared dep, by default: DVC then re-runs it when the tree changes).
 Writes: data/yolo/ (images/, labels/, dataset.yaml), reports/dataset/{stats.json, classes.csv,
 classes.png}.
 """
@@ -43,6 +44,7 @@ from stages.pipeline.params import Choice, Int, ParamsError, Section, Str, load
 from stages.pipeline.runtime import PROJECT_ROOT, cpu_threads
 
 DATA_DIR = PROJECT_ROOT / "data" / "yolo"
+RAW_DIR = PROJECT_ROOT / "data" / "raw"  # a declared dep: DVC sees raw data under it change
 REPORT_DIR = PROJECT_ROOT / "reports" / "dataset"
 
 SCHEMA = {
@@ -72,6 +74,11 @@ SCHEMA = {
         }
     ),
 }
+
+UNSEEN_ROOT = (
+    "dataset.visdrone.root is outside data/raw: DVC cannot see the raw tree change there; after "
+    "changing it, run `dvc repro -f dataset` (or move or link the tree under data/raw)"
+)
 
 RawSplit = tuple[Path, int, "list[Path] | None"]  # folder, max_images, its images (None: all)
 
@@ -175,6 +182,9 @@ def main() -> None:
         write_data_yaml(dst)
 
     metrics = {split: split_metrics(stats) for split, stats in per_split.items()}
+    unseen = section["source"] == "visdrone" and not (
+        (PROJECT_ROOT / section["visdrone"]["root"]).resolve().is_relative_to(RAW_DIR.resolve())
+    )
     write_json(REPORT_DIR / "stats.json", {"source": section["source"], **metrics})
     write_csv(
         REPORT_DIR / "classes.csv",
@@ -191,6 +201,7 @@ def main() -> None:
             ),
             ("dropped (all splits)", dict(sum((s.dropped for s in per_split.values()), Counter()))),
             ("clipped boxes", sum(s.clipped for s in per_split.values())),
+            *([("NOTE", UNSEEN_ROOT)] if unseen else []),
             written(DATA_DIR, REPORT_DIR),
         ],
     )

@@ -37,6 +37,7 @@ import statistics
 from copy import deepcopy
 from pathlib import Path
 
+import onnx
 import torch
 from PIL import Image
 from ultralytics import YOLO
@@ -352,15 +353,57 @@ def plot_per_class(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def deployed_rows(params: dict) -> tuple[dict, dict[str, Path]]:
-    """trt_build's record and the artifact of each deployed row; refuses a TensorRT engine on a
-    machine that cannot run it."""
+REDEPLOY = "re-create it with `dvc repro -f trt_build`, or restore it with `dvc checkout`"
+RECORD_KEYS = ("backend", "input_shape", "artifacts")
+ARTIFACT_KEYS = ("artifact", "source", "precision")
+
+
+def read_deploy_record() -> dict:
+    """trt_build's deploy.json, or a clear error when it is missing or not such a record."""
     if not DEPLOY_RECORD.is_file():
         raise cli.UserError(f"{DEPLOY_RECORD} not found: run `dvc repro trt_build` first.")
-    record = json.loads(DEPLOY_RECORD.read_text())
+    try:
+        record = json.loads(DEPLOY_RECORD.read_text())
+        missing = [k for k in RECORD_KEYS if k not in record] + [
+            f"artifacts.{row}.{k}"
+            for row, a in record.get("artifacts", {}).items()
+            for k in ARTIFACT_KEYS
+            if k not in a
+        ]
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as err:
+        missing = [f"a JSON mapping ({type(err).__name__})"]
+    if missing:
+        raise cli.UserError(
+            f"{DEPLOY_RECORD} is not trt_build's record (it lacks {missing[0]}): {REDEPLOY}."
+        )
+    return record
+
+
+def check_artifact(path: Path) -> None:
+    """A deployed model must be there and, for ONNX, parse."""
+    if not path.is_file() or path.stat().st_size == 0:
+        raise cli.UserError(
+            f"{path}, named in {DEPLOY_RECORD.name}, is missing or empty: {REDEPLOY}."
+        )
+    if path.suffix == ".onnx":
+        try:
+            onnx.load(path, load_external_data=False)
+        except Exception as err:  # protobuf raises its own DecodeError, among others
+            raise cli.UserError(
+                f"{path} is not a readable ONNX model ({type(err).__name__}: truncated or "
+                f"corrupt): {REDEPLOY}."
+            ) from None
+
+
+def deployed_rows(params: dict) -> tuple[dict, dict[str, Path]]:
+    """trt_build's record and the artifact of each deployed row, each checked; refuses a
+    TensorRT engine on a machine that cannot run it."""
+    record = read_deploy_record()
     artifacts = {
         row: DEPLOY_RECORD.parent / a["artifact"] for row, a in record["artifacts"].items()
     }
+    for path in artifacts.values():
+        check_artifact(path)
     on_gpu = params["device"] != "cpu" and torch.cuda.is_available()
     if record["backend"] == "tensorrt" and not on_gpu:
         raise cli.UserError(

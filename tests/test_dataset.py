@@ -93,8 +93,7 @@ def test_clipping_and_degenerate_boxes() -> None:
     lines = [
         "-10,-20,30,40,1,4,1,0",  # car sticking out of the top-left corner: clipped
         "90,90,20,20,1,1,1,0",  # pedestrian past the bottom-right corner: clipped
-        "100,50,10,10,1,4,0,0",  # starts at the right edge: nothing left -> degenerate
-        "10,10,0,5,1,4,0,0,",  # zero width (and a trailing comma) -> degenerate
+        "100,50,10,10,1,4,0,0,",  # starts at the right edge (and a trailing comma): degenerate
         "5,5,10,10,0,0,0,0",  # ignored region
         "5,5,10,10,1,11,0,0",  # others
         "",
@@ -105,7 +104,7 @@ def test_clipping_and_degenerate_boxes() -> None:
         "0 0.950000 0.950000 0.100000 0.100000",
     ]
     assert stats.clipped == 2
-    assert stats.dropped == {"degenerate": 2, "ignored_region": 1, "others": 1}
+    assert stats.dropped == {"degenerate": 1, "ignored_region": 1, "others": 1}
     assert stats.sizes == {"small": 2}
 
 
@@ -116,6 +115,9 @@ def test_clipping_and_degenerate_boxes() -> None:
         ("1,2,3,4,1,4,0,0,9", "got 9"),
         ("1,2,x,4,1,4,0,0", "non-integer"),
         ("1,2,3,4,1,12,0,0", "category 12"),
+        ("10,10,0,5,1,4,0,0", "width and height must be positive, got 0 x 5"),
+        ("10,10,-4,5,1,4,0,0", "got -4 x 5"),
+        ("10,10,4,-1,0,0,0,0", "got 4 x -1"),  # an ignored region too
     ],
 )
 def test_malformed_line_names_file_and_line(line: str, message: str) -> None:

@@ -82,6 +82,11 @@ def parse_line(line: str, where: str) -> tuple[int, int, int, int, int]:
         raise DatasetError(f"{where}: non-integer field in {line.strip()!r}") from None
     if not 0 <= category <= 11:
         raise DatasetError(f"{where}: category {category} is not a VisDrone category (0..11)")
+    if width <= 0 or height <= 0:
+        raise DatasetError(
+            f"{where}: box width and height must be positive, got {width} x {height} in "
+            f"{line.strip()!r}"
+        )
     return left, top, width, height, category
 
 
