@@ -10,8 +10,9 @@ Importing the package prepares the runtime first (offline ultralytics, caches in
 all CPU cores), so no stage can import ultralytics before that is done.
 """
 
-from stages.pipeline.cli import user_errors_as_messages
+from stages.pipeline.cli import one_line_interrupts, user_errors_as_messages
 from stages.pipeline.runtime import configure_environment
 
+one_line_interrupts()
 with user_errors_as_messages("stages"):
     configure_environment()

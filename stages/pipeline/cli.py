@@ -36,6 +36,31 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 
+def interrupted_message(command: str) -> str:
+    return (
+        f"{command}: interrupted; no output is half-written (each is the last good run's, or "
+        f"complete), and `dvc repro` runs this stage again"
+    )
+
+
+def one_line_interrupts() -> None:
+    """Make a Ctrl-C that arrives before :func:`run` starts (while torch and ultralytics are
+    imported, which takes seconds) one line too, for the stages' and tools' entry points."""
+    argv = getattr(sys, "orig_argv", [])  # the spec of __main__ is not set yet at import time
+    module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
+    if not module.startswith("stages.") or os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+        return
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: object) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            print(interrupted_message(module.rsplit(".", 1)[-1]), file=sys.stderr)
+        else:
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
 @contextmanager
 def user_errors_as_messages(command: str) -> Iterator[None]:
     """Turn a :class:`UserError` into ``command: message`` on stderr and exit status 1, and
@@ -51,11 +76,7 @@ def user_errors_as_messages(command: str) -> Iterator[None]:
     except KeyboardInterrupt:
         if tracebacks:
             raise
-        print(
-            f"{command}: interrupted; no output is half-written (each is the last good run's, "
-            f"or complete), and `dvc repro` runs this stage again",
-            file=sys.stderr,
-        )
+        print(interrupted_message(command), file=sys.stderr)
         sys.exit(INTERRUPTED)
 
 
