@@ -35,7 +35,7 @@ def run_worker(trainer_class: type, model: YOLO, run_name: str, args: dict[str, 
     the script in a new process, and return the last row of that run's results.csv."""
     overrides = {**model.overrides, "task": model.task, **run_args(run_name, **args)}
     trainer = trainer_class(overrides={**overrides, "mode": "train"}, _callbacks=model.callbacks)
-    trainer.model = trainer.get_model(weights=model.model, section=model.model.yaml)
+    trainer.model = trainer.get_model(weights=model.model, cfg=model.model.yaml)
     script = generate_ddp_file(trainer)
     try:
         subprocess.run([sys.executable, script], check=True)

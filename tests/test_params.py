@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from stages.pipeline.cli import UserError
-from stages.pipeline.params import DEVICE, Int, ParamsError, load, validate
+from stages.pipeline.params import DEVICE, Device, Int, ParamsError, load, read_yaml, validate
 from stages.yolo.models import check_model_source
 from tests.conftest import PROJECT_ROOT, STAGES
 
@@ -229,3 +229,21 @@ def test_a_sha256_for_a_config_or_a_malformed_one_is_refused() -> None:
     expect_param_error(
         _schema("baseline"), "baseline", "weights_sha256", "abc123", "64 hex digits of a sha256"
     )
+
+
+def test_a_cuda_device_the_machine_lacks_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("stages.pipeline.params.cuda_devices", lambda: 0)
+    assert Device().check("device", "cpu") == "cpu"
+    with pytest.raises(ParamsError, match=r"device = '0' names CUDA device 0, but torch sees no"):
+        Device().check("device", 0)
+    monkeypatch.setattr("stages.pipeline.params.cuda_devices", lambda: 2)
+    assert Device().check("device", "0,1") == "0,1"
+    with pytest.raises(ParamsError, match=r"names CUDA device 2, but torch sees 2 CUDA device"):
+        Device().check("device", "0,2")
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path: Path) -> None:
+    doubled = tmp_path / "params.yaml"
+    doubled.write_text("seed: 0\nprune:\n  ratio: 0.5\n  ratio: 0.6\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml:4: the key 'ratio' is given twice"):
+        read_yaml(doubled)
