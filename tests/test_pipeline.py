@@ -512,6 +512,13 @@ def _output_hashes(repo: Path) -> dict[str, str]:
     }
 
 
+def _stage_run(stage: str, repo: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python -m stages.<stage>`` in ``repo``, its output captured, whatever its exit status."""
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}"], cwd=repo, env=env, capture_output=True, text=True
+    )
+
+
 def _failed_repro(repo: Path, env: dict[str, str]) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True
@@ -564,13 +571,7 @@ def test_a_duplicate_params_key_is_refused_with_its_line(tiny_repo: tuple[Path, 
     assert doubled != text
     (repo / "params.yaml").write_text(doubled)
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "stages.prune"],
-            cwd=repo,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        done = _stage_run("prune", repo, env)
     finally:
         (repo / "params.yaml").write_text(text)
     assert done.returncode == 1 and "Traceback" not in done.stderr
@@ -589,13 +590,7 @@ def test_a_broken_deployed_artifact_is_named_in_one_line(
     else:
         target.write_bytes(target.read_bytes()[:300])
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "stages.evaluate"],
-            cwd=repo,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        done = _stage_run("evaluate", repo, env)
     finally:
         _run([sys.executable, "-m", "dvc", "checkout", "-f", "models/deploy"], repo, env)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
