@@ -19,7 +19,6 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 from ultralytics import YOLO
 
 from stages.compress import sparsity
@@ -115,17 +114,15 @@ def plot_histogram(rows: list[dict], near_zero: float, path: Path) -> None:
 def penalized(model: YOLO, exclude: list[str]) -> dict[str, int]:
     """The penalised BatchNorms (name -> channels); refuses prefixes that name no BatchNorm and
     an exclusion of every one."""
-    names = {
-        n: m.num_features for n, m in model.model.named_modules() if isinstance(m, nn.BatchNorm2d)
-    }
+    names = [n for n, _ in sparsity.named_penalized_batchnorms(model.model)]
     for prefix in exclude:
         if not any(n.startswith(prefix) for n in names):
             raise ParamsError(
                 f"params.yaml: sparse_train.exclude prefix {prefix!r} names no BatchNorm of the "
-                f"model (they look like {next(iter(names))!r}, e.g. 'model.22' for YOLOv8's "
+                f"model (they look like {names[0]!r}, e.g. 'model.22' for YOLOv8's "
                 f"head): fix or remove it."
             )
-    kept = {n: c for n, c in names.items() if not n.startswith(tuple(exclude))}
+    kept = {n: m.num_features for n, m in sparsity.named_penalized_batchnorms(model.model, exclude)}
     if not kept:
         raise ParamsError(
             f"params.yaml: sparse_train.exclude = {exclude!r} excludes every BatchNorm."

@@ -88,6 +88,13 @@ def _trainer(net: nn.Module, optimizer: torch.optim.Optimizer, **settings: objec
     return trainer
 
 
+def _steps(trainer: SparseTrainer, x: torch.Tensor, count: int) -> None:
+    """``count`` real optimizer steps of ``trainer`` on a squared-output loss."""
+    for _ in range(count):
+        trainer.model(x).square().mean().backward()
+        trainer.optimizer_step()
+
+
 def _one_trainer_step(
     net: nn.Module, scale: float | None, coefficient: float, form: str, loss_scale: float = 1e-3
 ) -> nn.Module:
@@ -209,13 +216,8 @@ def test_liu_diagnostic_a_huge_coefficient_zeroes_every_gamma_within_the_default
             opt_class(net.parameters(), lr=lr, **kwargs),
             form=form,
             schedule=PenaltySchedule("constant", 10.0, epochs=1),
-            near_zero=0.01,
-            beta_coefficient=0.0,
         )
-        x = torch.randn(8, 3, 8, 8)
-        for _ in range(190):
-            net(x).square().mean().backward()
-            trainer.optimizer_step()
+        _steps(trainer, torch.randn(8, 3, 8, 8), 190)
         gammas = gamma_magnitudes(penalized_batchnorms(net))
         fractions[form] = float((gammas < 0.01).mean())
     assert fractions["proximal"] >= 0.99
@@ -235,13 +237,8 @@ def test_zeros_reached_in_training_are_zeros_of_the_saved_ema() -> None:
         ema=ema,
         form="proximal",
         schedule=PenaltySchedule("constant", 1.0, epochs=1),
-        near_zero=0.01,
-        beta_coefficient=0.0,
     )
-    x = torch.randn(4, 3, 8, 8)
-    for _ in range(20):
-        net(x).square().mean().backward()
-        trainer.optimizer_step()
+    _steps(trainer, torch.randn(4, 3, 8, 8), 20)
     for raw, averaged in zip(trainer.batchnorms, trainer.ema_batchnorms, strict=True):
         zero = raw.weight == 0
         assert zero.any() and torch.all(averaged.weight[zero] == 0)

@@ -47,13 +47,21 @@ FORMS = ("proximal", "group", "subgradient")
 PLAN_END = 0.8  # the dynamic plan reaches its target at this fraction of the steps
 
 
-def penalized_batchnorms(model: nn.Module, exclude: Sequence[str] = ()) -> list[nn.BatchNorm2d]:
-    """Every BatchNorm2d of ``model`` whose qualified name starts with no excluded prefix."""
+def named_penalized_batchnorms(
+    model: nn.Module, exclude: Sequence[str] = ()
+) -> list[tuple[str, nn.BatchNorm2d]]:
+    """(name, module) of every BatchNorm2d of ``model`` whose qualified name starts with no
+    excluded prefix."""
     return [
-        m
+        (name, m)
         for name, m in model.named_modules()
         if isinstance(m, nn.BatchNorm2d) and not name.startswith(tuple(exclude))
     ]
+
+
+def penalized_batchnorms(model: nn.Module, exclude: Sequence[str] = ()) -> list[nn.BatchNorm2d]:
+    """Every BatchNorm2d of ``model`` whose qualified name starts with no excluded prefix."""
+    return [m for _, m in named_penalized_batchnorms(model, exclude)]
 
 
 def add_l1_subgradient(
@@ -70,13 +78,13 @@ def add_l1_subgradient(
     weights = weights or [1.0] * len(batchnorms)
     with torch.no_grad():
         for bn, weight in zip(batchnorms, weights, strict=True):
-            for param, coefficient in (
-                (bn.weight, gamma_coefficient * weight),
-                (bn.bias, beta_coefficient),
+            for param, coefficient, scale in (
+                (bn.weight, gamma_coefficient, weight),
+                (bn.bias, beta_coefficient, 1.0),
             ):
-                if isinstance(coefficient, float) and coefficient == 0:
+                if coefficient == 0:
                     continue
-                step = torch.sign(param) * coefficient
+                step = torch.sign(param) * coefficient * scale
                 if param.grad is None:
                     param.grad = step
                 else:
@@ -103,13 +111,12 @@ def group_soft_threshold(
     return x * keep[groups]
 
 
-def step_scale(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor | float:
-    """The denominator d of ``optimizer``'s last step for ``param``: sqrt(v_hat) + eps for the Adam
-    family (bias-corrected second moment, as torch's Adam and AdamW compute it), 1 for SGD."""
-    state = optimizer.state.get(param, {})
+def step_scale(state: dict, group: dict) -> torch.Tensor | float:
+    """The denominator d of an optimizer's last step for a parameter with this ``state`` in this
+    param ``group``: sqrt(v_hat) + eps for the Adam family (bias-corrected second moment, as
+    torch's Adam and AdamW compute it), 1 for SGD."""
     if "exp_avg_sq" not in state:
         return 1.0
-    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
     step = float(state["step"])
     correction = 1 - group["betas"][1] ** step
     return (state["exp_avg_sq"] / correction).sqrt() + group["eps"]
@@ -128,12 +135,14 @@ def proximal_l1_step(
     coefficient."""
     if coefficient == 0 or not batchnorms:
         return
-    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     gammas = [bn.weight for bn in batchnorms]
     weights = weights or [1.0] * len(gammas)
     with torch.no_grad():
         thresholds = [
-            (lr[id(gamma)] * coefficient / step_scale(optimizer, gamma))
+            group_of[id(gamma)]["lr"]
+            * coefficient
+            / step_scale(optimizer.state.get(gamma, {}), group_of[id(gamma)])
             * weight
             * torch.ones_like(gamma)
             for gamma, weight in zip(gammas, weights, strict=True)
@@ -218,6 +227,11 @@ class PenaltySchedule:
             return self.base * (1 - 0.9 * epoch / self.epochs)
         return self.current  # constant never changes it; dynamic adapts it as it goes
 
+    @property
+    def adapts_per_step(self) -> bool:
+        """Whether :meth:`observe_step` reads the near-zero fraction (``dynamic`` only)."""
+        return self.kind == "dynamic"
+
     def planned_sparsity(self, step: int) -> float:
         """The near-zero fraction the dynamic plan wants after optimizer step ``step`` (0-based)."""
         total = self.epochs * self.steps_per_epoch
@@ -227,7 +241,7 @@ class PenaltySchedule:
     def observe_step(self, step: int, sparsity: float) -> None:
         """Feed back the near-zero fraction after optimizer step ``step``; only ``dynamic``
         reacts."""
-        if self.kind != "dynamic":
+        if not self.adapts_per_step:
             return
         factor = self.gain ** (1 / self.steps_per_epoch)
         if sparsity < self.planned_sparsity(step):

@@ -55,11 +55,7 @@ class SparseTrainer(ModelKeepingTrainer):
 
     def _setup_train(self) -> None:
         super()._setup_train()
-        named = [
-            (n, m)
-            for n, m in unwrap_model(self.model).named_modules()
-            if isinstance(m, nn.BatchNorm2d) and not n.startswith(tuple(self.exclude))
-        ]
+        named = sparsity.named_penalized_batchnorms(unwrap_model(self.model), self.exclude)
         self.batchnorms = [m for _, m in named]
         self.ema_batchnorms = [dict(self.ema.ema.named_modules())[n] for n, _ in named]
         self.channel_weights = None
@@ -94,12 +90,13 @@ class SparseTrainer(ModelKeepingTrainer):
         if self.ema:
             self.ema.update(self.model)
             self._copy_zeros_to_ema()
-        self.schedule.observe_step(self.optimizer_steps, self._near_zero_fraction())
+        if self.schedule.adapts_per_step:  # measuring costs a copy of every scale per step
+            self.schedule.observe_step(self.optimizer_steps, self._near_zero_fraction())
         self.optimizer_steps += 1
 
     def _near_zero_fraction(self) -> float:
         gammas = sparsity.gamma_magnitudes(self.batchnorms)
-        return float((gammas < self.near_zero).mean())
+        return sparsity.sparsity_stats(gammas, self.near_zero)["near_zero"]
 
     def _copy_zeros_to_ema(self) -> None:
         with torch.no_grad():
@@ -115,11 +112,8 @@ class SparseTrainer(ModelKeepingTrainer):
         metrics, fitness = super().validate()
         if metrics is not None:
             used = self.schedule.coefficient(self.epoch)
-            evaluated = self.ema.ema if self.ema else unwrap_model(self.model)
-            gammas = sparsity.gamma_magnitudes(
-                sparsity.penalized_batchnorms(evaluated, self.exclude)
-            )
-            stats = sparsity.sparsity_stats(gammas, self.near_zero)
+            evaluated = self.ema_batchnorms if self.ema else self.batchnorms
+            stats = sparsity.sparsity_stats(sparsity.gamma_magnitudes(evaluated), self.near_zero)
             self.schedule.observe_epoch(metrics["metrics/mAP50(B)"], self.ap50_start)
             metrics.update(
                 {
