@@ -2,10 +2,11 @@
 
 Test is the split no stage decides anything on (val drives per-epoch validation, the sparsity
 schedule and every choice from a sweep), so these numbers are measurements, not tuned values.
-For each checkpoint (baseline, sparse, pruned, distilled), for the deployed artifact written by
-trt_build (ONNX or INT8 Q/DQ ONNX on ONNX Runtime, or a TensorRT engine), for the baseline deployed
-the same way (``baseline_deployed``, the reference for the deploy runtime) and, when the deployed
-model is INT8, for the same model in fp32 on the same runtime (``deployed_fp32``):
+For each checkpoint (baseline, sparse, pruned, distilled) and for every artifact trt_build
+deployed: the model on the deploy runtime (``deployed``: ONNX or INT8 Q/DQ ONNX on ONNX Runtime,
+or a TensorRT engine) and on OpenVINO (``deployed_openvino``, CPU), when INT8 the same model in
+fp32 on each (``*_fp32``), and the baseline deployed the same way beside each (``baseline_*``,
+the reference for its runtime):
 
 - accuracy: AP50, mAP50-95, precision, recall and per-class AP50 from ultralytics validation (the
   same pre- and post-processing for every backend), and COCO AP (IoU 0.5:0.95) of small, medium
@@ -15,12 +16,15 @@ model is INT8, for the same model in fp32 on the same runtime (``deployed_fp32``
 - speed: the latency of one image (batch 1, fp32, after warm-up; median over repeats) with
   FPS = 1000 / median ms, on the CPU for every PyTorch model and the ONNX Runtime artifact, and on
   the GPU (PyTorch models and the TensorRT engine) when params.yaml names a CUDA device and one is
-  present. Models on one device are timed in turns, pass by pass, before any validation runs.
+  present; the OpenVINO models on the CPU. Models on one device are timed in turns, pass by pass,
+  before any validation runs.
   Speedups compare like with like: a PyTorch model with the PyTorch baseline, a deployed model
   with the deployed baseline on the same runtime and precision; the deployed model against the
   PyTorch baseline is reported apart, as the end-to-end speedup, and INT8 against fp32 of the
-  same model in the headline. An INT8 model is validated as it is timed: the session that
-  stages/deploy/onnxrt.py prepares for this CPU.
+  same model in the headline, which also names the fastest CPU runtime measured for the deployed
+  model (against the baseline on that runtime, and on the baseline's own fastest). Every artifact
+  is validated as it is timed: an INT8 model in the session that stages/deploy/onnxrt.py prepares
+  for this CPU, an OpenVINO folder compiled as stages/deploy/openvino.py compiles it.
 
 Writes reports/metrics.json (DVC metrics, keys like ``distilled.ap50``), reports/summary.md (the
 paper's table), and under reports/evaluate/: models.csv and per_class_ap50.csv (DVC plots) with
@@ -43,8 +47,15 @@ from PIL import Image
 from ultralytics import YOLO
 
 from stages.compress.pruning import replay  # noqa: F401  (pruned models run its hooks)
+from stages.deploy import openvino
 from stages.deploy.onnxrt import as_run_here
-from stages.deploy.timing import engine_runner, latency_ms, onnx_runner, torch_runner
+from stages.deploy.timing import (
+    engine_runner,
+    latency_ms,
+    onnx_runner,
+    openvino_runner,
+    torch_runner,
+)
 from stages.pipeline import cli
 from stages.pipeline.environment import describe_environment
 from stages.pipeline.images import TEST_IMAGES, image_files
@@ -225,12 +236,14 @@ def accuracy(
 
 
 def size_metrics(size: dict[str, float], file: Path) -> dict[str, float]:
-    """Rounded params/FLOPs/MACs (from ``model_size``) and the size of the file on disk."""
+    """Rounded params/FLOPs/MACs (from ``model_size``) and the size of the file (or folder) on
+    disk."""
+    files = [f for f in file.rglob("*") if f.is_file()] if file.is_dir() else [file]
     return {
         "params_m": round(size["params"] / 1e6, 4),
         "gflops": round(size["flops_g"], 4),
         "gmacs": round(size["macs_g"], 4),
-        "file_mb": round(file.stat().st_size / 2**20, 3),
+        "file_mb": round(sum(f.stat().st_size for f in files) / 2**20, 3),
     }
 
 
@@ -285,7 +298,38 @@ def compression_headline(
         f"**{1 - model['gflops'] / base['gflops']:.1%} fewer FLOPs**. Deployed on "
         f"{runtimes['deployed']}, it is {_speedup(reference, deployed, device)} as fast as the "
         f"baseline deployed the same way, and {_speedup(base, deployed, device)} end to end "
-        f"(against the PyTorch baseline on the {device.upper()})." + int8
+        f"(against the PyTorch baseline on the {device.upper()})."
+        + int8
+        + fastest_on_cpu(metrics, runtimes, sources)
+    )
+
+
+def fastest_cpu_row(metrics: dict[str, dict], sources: dict[str, str], source: str) -> str | None:
+    """The deployed row of checkpoint ``source`` with the lowest CPU latency (None: none timed)."""
+    rows = [
+        row
+        for row, m in metrics.items()
+        if row not in MODELS and sources[row] == source and "cpu_latency_ms" in m
+    ]
+    return min(rows, key=lambda row: metrics[row]["cpu_latency_ms"], default=None)
+
+
+def fastest_on_cpu(
+    metrics: dict[str, dict], runtimes: dict[str, str], sources: dict[str, str]
+) -> str:
+    """The headline's CPU sentence: the fastest CPU runtime measured for the deployed model,
+    against the baseline on that runtime and on the baseline's own fastest one ("" if none)."""
+    mine, theirs = (fastest_cpu_row(metrics, sources, s) for s in (DEPLOYED_FROM, "baseline"))
+    if mine is None or theirs is None:
+        return ""
+    model, best_base = metrics[mine], metrics[theirs]
+    reference = metrics.get(same_runtime_reference(mine, runtimes, sources), {})
+    return (
+        f" The fastest CPU runtime measured for it is **{runtimes[mine]}** (`{mine}`, "
+        f"{model['cpu_latency_ms']:.2f} ms, test AP50 {model['ap50']:.3f}): "
+        f"**{_speedup(reference, model, 'cpu')}** as fast as the baseline deployed the same way, "
+        f"and **{_speedup(best_base, model, 'cpu')}** as fast as the baseline on its own fastest "
+        f"CPU runtime ({runtimes[theirs]}, {best_base['cpu_latency_ms']:.2f} ms)."
     )
 
 
@@ -317,7 +361,7 @@ def summary_table(
         f"the original image). AP50 kept = AP50 / baseline AP50. Latency: median per image "
         f"(batch 1, at the precision the runtime column names), models on one device timed in "
         f"turns in one run. Speedup, same runtime: against the baseline on the row's own runtime "
-        f"(`baseline_deployed` is the baseline exported and built exactly like `deployed`); "
+        f"(each `baseline_*` row is the baseline exported and built exactly like its twin); "
         f"end-to-end: against the PyTorch baseline, so it includes the change of runtime.",
         "",
         "| " + " | ".join(head) + " |",
@@ -355,7 +399,14 @@ def plot_per_class(rows: list[dict], path: Path) -> None:
 
 REDEPLOY = "re-create it with `dvc repro -f trt_build`, or restore it with `dvc checkout`"
 RECORD_KEYS = ("backend", "input_shape", "artifacts")
-ARTIFACT_KEYS = ("artifact", "source", "precision")
+ARTIFACT_KEYS = ("artifact", "source", "runtime", "precision")
+RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT", "openvino": "OpenVINO"}
+# Where each deploy runtime runs, and how one pass of an artifact is timed there.
+RUNNERS = {
+    "onnxruntime": ("cpu", onnx_runner),
+    "openvino": ("cpu", openvino_runner),
+    "tensorrt": ("gpu", engine_runner),
+}
 
 
 def read_deploy_record() -> dict:
@@ -380,11 +431,22 @@ def read_deploy_record() -> dict:
 
 
 def check_artifact(path: Path) -> None:
-    """A deployed model must be there and, for ONNX, parse."""
-    if not path.is_file() or path.stat().st_size == 0:
-        raise cli.UserError(
-            f"{path}, named in {DEPLOY_RECORD.name}, is missing or empty: {REDEPLOY}."
-        )
+    """A deployed model must be there and parse: an ONNX file, or the IR of an OpenVINO
+    folder."""
+    on_openvino = path.name.endswith(openvino.SUFFIX)
+    stem = path / path.name.removesuffix(openvino.SUFFIX)
+    for file in [stem.with_suffix(".xml"), stem.with_suffix(".bin")] if on_openvino else [path]:
+        if not file.is_file() or file.stat().st_size == 0:
+            raise cli.UserError(
+                f"{file}, named in {DEPLOY_RECORD.name}, is missing or empty: {REDEPLOY}."
+            )
+    if on_openvino:
+        try:
+            openvino.ov.Core().read_model(stem.with_suffix(".xml"))
+        except RuntimeError as err:
+            raise cli.UserError(
+                f"{path} is not a readable OpenVINO model ({openvino.reason(err)}): {REDEPLOY}."
+            ) from None
     if path.suffix == ".onnx":
         try:
             onnx.load(path, load_external_data=False)
@@ -426,11 +488,9 @@ def time_models(
         timed["gpu"] = {  # copies: the CPU runners keep theirs on the CPU
             name: torch_runner(deepcopy(m), imgsz, "cuda:0") for name, m in fused.items()
         }
-    tensorrt = record["backend"] == "tensorrt"
-    runner = engine_runner if tensorrt else onnx_runner
-    timed["gpu" if tensorrt else "cpu"] |= {
-        name: runner(path, record["input_shape"]) for name, path in artifacts.items()
-    }
+    for row, path in artifacts.items():
+        where, runner = RUNNERS[record["artifacts"][row]["runtime"]]
+        timed[where][row] = runner(path, record["input_shape"])
     return {
         where: latency_ms(runners, section["latency_warmup"], section["latency_repeats"])
         for where, runners in timed.items()
@@ -454,10 +514,14 @@ def measure(
         row: YOLO(str(as_run_here(path, TMP_DIR / "evaluate")), task="detect")
         for row, path in artifacts.items()
     }
+    on_openvino = {row for row, a in record["artifacts"].items() if a["runtime"] == "openvino"}
     files = {**MODELS, **artifacts}
     metrics, per_class = {}, {}
     for name, detector in evaluated.items():
-        headline, per_class[name] = accuracy(detector, f"evaluate-{name}", params, ground_truth)
+        # ultralytics compiles an OpenVINO folder itself: made to compile it as it was timed.
+        compiling = openvino.as_compiled_here() if name in on_openvino else contextlib.nullcontext()
+        with compiling:
+            headline, per_class[name] = accuracy(detector, f"evaluate-{name}", params, ground_truth)
         metrics[name] = {**headline, **size_metrics(sizes[name], files[name])}
         images_per_pass = record["input_shape"][0] if name in artifacts else 1
         for where, runs in times.items():
@@ -467,11 +531,11 @@ def measure(
 
 
 def row_runtimes(record: dict) -> dict[str, str]:
-    """The runtime (and precision) of every row: PyTorch for checkpoints, the deploy runtime for
-    trt_build's artifacts."""
-    runtime = "TensorRT" if record["backend"] == "tensorrt" else "ONNX Runtime"
+    """The runtime (and precision) of every row: PyTorch for checkpoints, its deploy runtime for
+    each of trt_build's artifacts."""
     return {name: "PyTorch" for name in MODELS} | {
-        row: f"{runtime} {a['precision']}" for row, a in record["artifacts"].items()
+        row: f"{RUNTIME_NAMES[a['runtime']]} {a['precision']}"
+        for row, a in record["artifacts"].items()
     }
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from stages.compress.pruning import budget, importance, surgery
 from stages.compress.pruning.dependency import ChannelGraph, ChannelId
 from stages.compress.pruning.importance import PrunePlan
-from stages.deploy import timing
+from stages.deploy import openvino, timing
 from stages.deploy.export import build_engine, export_model_onnx, tensorrt_unavailable
 from stages.pipeline import cli
 from stages.pipeline.images import TRAIN_IMAGES, calibration_batch
@@ -59,7 +59,7 @@ NOT_SPARSE_GAMMA = 0.1  # pruning a channel with a larger |gamma| removes real s
 NEAR_ZERO_GAMMA = 0.01  # a channel below this is near zero: removing it is (nearly) free
 
 # Where a latency budget is measured; TensorRT candidates are fp16 engines on GPU 0.
-RUNTIMES = ("onnxruntime-cpu", "torch-cpu", "tensorrt")
+RUNTIMES = ("onnxruntime-cpu", "openvino-cpu", "torch-cpu", "tensorrt")
 LATENCY_WARMUP, LATENCY_REPEATS = 10, 50  # per candidate of a latency search (as evaluate)
 LATENCY_STEPS = 8  # bisection steps of a latency search (each builds and times a model)
 LATENCY_OPSET = 17  # the ONNX opset of onnxruntime-cpu candidates
@@ -117,11 +117,12 @@ def latency_measure(
 ) -> Callable[[set[ChannelId]], float]:
     """A function giving the median latency (ms, one image, fp32; fp16 on TensorRT) of ``model``
     with some channels removed, on ``runtime`` on this machine: each call cuts a copy and times
-    it, exported to ``work`` for ONNX Runtime and TensorRT."""
+    it, exported to ``work`` for ONNX Runtime, OpenVINO and TensorRT."""
     if runtime == "tensorrt" and (reason := tensorrt_unavailable(device)):
         raise cli.UserError(
             f"params.yaml: prune.budget.runtime = 'tensorrt' cannot be measured here: {reason}. "
-            f"Run the search on the GPU box, or use onnxruntime-cpu, torch-cpu or a gflops budget."
+            f"Run the search on the GPU box, or use onnxruntime-cpu, openvino-cpu, torch-cpu or a "
+            f"gflops budget."
         )
     shapes_only = torch.rand(1, 3, 64, 64)  # folding needs some images; speed needs none
 
@@ -135,6 +136,9 @@ def latency_measure(
             if runtime == "tensorrt":
                 build_engine(work / "candidate.onnx", work / "candidate.engine", "fp16", 4.0)
                 run = timing.engine_runner(work / "candidate.engine", [1, 3, imgsz, imgsz])
+            elif runtime == "openvino-cpu":
+                ir = openvino.write_ir(work / "candidate.onnx")
+                run = timing.openvino_runner(ir, [1, 3, imgsz, imgsz])
             else:
                 run = timing.onnx_runner(work / "candidate.onnx", [1, 3, imgsz, imgsz])
         times = timing.latency_ms({"candidate": run}, LATENCY_WARMUP, LATENCY_REPEATS)

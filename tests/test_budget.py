@@ -202,7 +202,7 @@ def test_a_tensorrt_latency_budget_without_a_gpu_is_refused_with_the_reason(
         choose_plan(model, graph, gammas, params, ())
 
 
-@pytest.mark.parametrize("runtime", ["torch-cpu", "onnxruntime-cpu"])
+@pytest.mark.parametrize("runtime", ["torch-cpu", "onnxruntime-cpu", "openvino-cpu"])
 def test_a_latency_search_on_a_tiny_model_converges(
     traced: tuple, runtime: str, tmp_path: Path
 ) -> None:

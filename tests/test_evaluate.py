@@ -124,13 +124,23 @@ def test_summary_table_compares_speed_on_the_same_runtime_and_end_to_end() -> No
         "baseline_deployed": model(4.0, 2.0, 0.80, 8.0),
         "deployed": model(1.0, 1.5, 0.78, 2.0),
         "deployed_fp32": model(1.0, 1.5, 0.785, 2.5),
+        "baseline_deployed_openvino": model(4.0, 2.0, 0.79, 6.0),
+        "deployed_openvino": model(1.0, 1.5, 0.775, 1.5),
+        "baseline_deployed_openvino_fp32": model(4.0, 2.0, 0.80, 5.0),
     }
     runtimes = {name: "PyTorch" for name in ("baseline", "pruned", "distilled")}
     runtimes |= {"baseline_deployed": "ONNX Runtime int8", "deployed": "ONNX Runtime int8"}
     runtimes |= {"deployed_fp32": "ONNX Runtime fp32"}
+    runtimes |= {
+        "baseline_deployed_openvino": "OpenVINO int8",
+        "deployed_openvino": "OpenVINO int8",
+    }
+    runtimes |= {"baseline_deployed_openvino_fp32": "OpenVINO fp32"}
     sources = {name: name for name in ("baseline", "pruned", "distilled")}
     sources |= {"baseline_deployed": "baseline", "deployed": "distilled"}
-    sources |= {"deployed_fp32": "distilled"}
+    sources |= {"deployed_fp32": "distilled", "deployed_openvino": "distilled"}
+    sources |= {"baseline_deployed_openvino": "baseline"}
+    sources |= {"baseline_deployed_openvino_fp32": "baseline"}
     table = summary_table(metrics, 256, runtimes, sources)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
     # PyTorch rows: against the PyTorch baseline (10 / 4), the same figure end to end.
@@ -147,3 +157,11 @@ def test_summary_table_compares_speed_on_the_same_runtime_and_end_to_end() -> No
     assert "4.00x as fast as the baseline deployed the same way, and 5.00x end to end" in first
     # INT8 against fp32 of the same model on the same runtime: 0.780 - 0.785, 2.5 / 2.
     assert "changes test AP50 by **-0.0050** and is **1.25x** as fast" in first
+    # The fastest CPU row of the model is OpenVINO int8 (1.5 ms): 6 / 1.5 against the baseline on
+    # OpenVINO int8, 5 / 1.5 against the baseline's own fastest CPU row (OpenVINO fp32, 5 ms).
+    assert (
+        "The fastest CPU runtime measured for it is **OpenVINO int8** (`deployed_openvino`, 1.50 "
+        "ms, test AP50 0.775): **4.00x** as fast as the baseline deployed the same way, and "
+        "**3.33x** as fast as the baseline on its own fastest CPU runtime (OpenVINO fp32, 5.00 ms)."
+    ) in first
+    assert rows["deployed_openvino"].endswith("| -75.0% | -25.0% | 4.00x | 6.67x |")

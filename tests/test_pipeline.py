@@ -21,6 +21,14 @@ from stages.pipeline.runtime import has_avx2
 from stages.tools.pareto import experiments
 from tests.conftest import PROJECT_ROOT, STAGES
 
+# trt_build's rows for the default int8: ONNX Runtime, then OpenVINO; int8, then the fp32 twins.
+DEPLOYED_ROWS = [
+    f"{who}deployed{runtime}{precision}"
+    for runtime in ("", "_openvino")
+    for precision in ("", "_fp32")
+    for who in ("baseline_", "")
+]
+
 pytestmark = pytest.mark.slow
 
 TINY = {
@@ -133,14 +141,12 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     assert len(list((repo / "data/yolo/labels/train").glob("*.txt"))) == 16
 
     all_metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(all_metrics) == {*MODELS, "baseline_deployed", "deployed", "deployed_fp32"}
+    assert list(all_metrics) == [*MODELS, *DEPLOYED_ROWS]
     metrics = all_metrics["baseline"]
     assert 0.0 <= metrics["ap50"] <= 1.0
     assert {"ap_small", "ap_medium", "ap_large", "cpu_latency_ms", "file_mb"} <= set(metrics)
     per_class = (repo / "reports/evaluate/per_class_ap50.csv").read_text().splitlines()
-    assert per_class[0] == (
-        "class,baseline,sparse,pruned,distilled,baseline_deployed,deployed,deployed_fp32"
-    )
+    assert per_class[0] == ",".join(["class", *MODELS, *DEPLOYED_ROWS])
     assert len(per_class) == 11  # the ten VisDrone classes
     models = (repo / "reports/evaluate/models.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in models[1:]] == list(all_metrics)
@@ -176,6 +182,15 @@ def test_repro_runs_every_stage_and_writes_outputs(tiny_repo: tuple[Path, dict])
     assert artifacts["deployed"]["artifact"] == "model.int8.onnx"
     assert artifacts["deployed_fp32"]["artifact"] == "model.onnx"
     assert artifacts["deployed"]["int8"]["int8_convs"] > 20
+    # OpenVINO reads the same files, and runs in INT8 the convs the Q/DQ model quantized.
+    assert artifacts["deployed_openvino"]["artifact"] == "model_int8_openvino_model"
+    assert artifacts["baseline_deployed_openvino_fp32"]["artifact"] == "baseline_openvino_model"
+    assert {a["runtime"] for a in artifacts.values()} == {"onnxruntime", "openvino"}
+    for key in ("int8_convs", "float_convs"):
+        assert artifacts["deployed_openvino"]["int8"][key] == artifacts["deployed"]["int8"][key]
+    assert record["openvino"]["INFERENCE_PRECISION_HINT"] == "f32"
+    fp32_gap = all_metrics["deployed_openvino_fp32"]["ap50"] - all_metrics["deployed_fp32"]["ap50"]
+    assert abs(fp32_gap) <= 0.005
     assert all_metrics["baseline_deployed"]["params_m"] == metrics["params_m"]
     summary = (repo / "reports/summary.md").read_text()
     assert "speedup, same runtime" in summary and "end-to-end" in summary
@@ -578,13 +593,21 @@ def test_a_duplicate_params_key_is_refused_with_its_line(tiny_repo: tuple[Path, 
     assert re.search(r"params\.yaml:\d+: the key 'seed' is given twice", done.stderr)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "record"])
+DAMAGED = {
+    "truncate": "model.int8.onnx",
+    "delete": "model.int8.onnx",
+    "record": "deploy.json",
+    "openvino": "model_int8_openvino_model/model_int8.bin",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED))
 def test_a_broken_deployed_artifact_is_named_in_one_line(
     tiny_repo: tuple[Path, dict], damage: str
 ) -> None:
     repo, env = tiny_repo
     _reproduced(repo, env)
-    target = repo / "models/deploy" / ("deploy.json" if damage == "record" else "model.int8.onnx")
+    target = repo / "models/deploy" / DAMAGED[damage]
     if damage == "delete":
         target.unlink()
     else:
@@ -687,7 +710,7 @@ def test_real_visdrone_frames_flow_through_every_stage(
     assert stats["source"] == "visdrone" and stats["val"]["images"] == 12
     assert stats["val"]["boxes_per_image"] > 50  # crowded real frames, not the synthetic scenes
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert set(metrics) == {*MODELS, "baseline_deployed", "deployed", "deployed_fp32"}
+    assert list(metrics) == [*MODELS, *DEPLOYED_ROWS]
     assert metrics["pruned"]["params_m"] < metrics["baseline"]["params_m"]
     summary = (repo / "reports/summary.md").read_text()
     assert "| deployed |" in summary

@@ -55,7 +55,9 @@ def onnxruntime_view(model: onnx.ModelProto) -> onnx.ModelProto:
 def as_run_here(path: Path, folder: Path) -> Path:
     """``path``, or for a Q/DQ model its :func:`onnxruntime_view` written into ``folder``: the
     file to give a tool that opens its own ONNX Runtime session (ultralytics' validation), so that
-    it runs what :func:`onnx_session` runs."""
+    it runs what :func:`onnx_session` runs. Any other file (an engine, an IR folder) is itself."""
+    if path.suffix != ".onnx":
+        return path
     model = onnx.load(path)
     if not is_quantized(model):
         return path

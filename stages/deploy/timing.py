@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stages.deploy import openvino
 from stages.deploy.onnxrt import onnx_session
 
 
@@ -36,6 +37,13 @@ def onnx_runner(path: Path, shape: list[int]) -> Callable[[], object]:
     return lambda: session.run(None, feed)
 
 
+def openvino_runner(folder: Path, shape: list[int]) -> Callable[[], object]:
+    """One OpenVINO (CPU) pass of the IR in ``folder``, compiled as validation compiles it."""
+    request = openvino.compiled(folder).create_infer_request()
+    x = np.random.default_rng(0).random(shape, np.float32)
+    return lambda: request.infer({0: x})
+
+
 def engine_runner(path: Path, shape: list[int]) -> Callable[[], object]:
     """One TensorRT pass on the GPU, synchronised so that the wall time is the GPU's."""
     from ultralytics.nn.autobackend import AutoBackend
@@ -56,14 +64,17 @@ def latency_ms(
     """Wall times (ms) of each runner's pass.
 
     The runners take turns pass by pass, so drift in the machine's speed (other load, clock
-    changes) hits all of them alike and their ratios stay fair.
+    changes) hits all of them alike and their ratios stay fair. Each pass takes them in a new
+    (seeded) order: a runtime whose idle threads still spin after its pass (OpenVINO's, torch's)
+    slows whichever runner comes next, and that must not always be the same one.
     """
     times: dict[str, list[float]] = {name: [] for name in runners}
+    names, order = list(runners), np.random.default_rng(0)
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            for name, run in runners.items():
+            for name in (names[j] for j in order.permutation(len(names))):
                 start = time.perf_counter()
-                run()
+                runners[name]()
                 if i >= warmup:
                     times[name].append((time.perf_counter() - start) * 1000)
     return times

@@ -30,6 +30,7 @@ PACKAGES = (
     "onnx",
     "onnxruntime",
     "onnxslim",
+    "openvino",
     "pycocotools",
     "dvc",
 )

@@ -13,7 +13,11 @@ import torch or ultralytics, so these settings hold everywhere:
 - on x86 CPUs with AVX2, torch, oneDNN and MKL are capped to their AVX2 kernels
   (:data:`KERNEL_CAPS`), so that a CPU with AVX-512 runs the same kernels, with the same float
   summation order, as one without: training amplifies the last-bit differences of other kernels
-  into different models (see docs/reproducibility.md). A value the user set is kept.
+  into different models (see docs/reproducibility.md). A value the user set is kept. (OpenVINO
+  compiles with the cap lifted: stages/deploy/openvino.py);
+- OpenVINO and NNCF send no telemetry: importing openvino sends a usage event to Google Analytics
+  and writes a client id under ~/intel, and NNCF does so on every call, unless their telemetry
+  package cannot be imported; :func:`block_telemetry` makes it so, and both use their own stubs.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -132,7 +137,17 @@ def configure_environment() -> None:
         for name, value in KERNEL_CAPS.items():
             os.environ.setdefault(name, value)
     tempfile.tempdir = str(TMP_DIR)
+    block_telemetry()
     _install_fonts()
+
+
+TELEMETRY_MODULE = "openvino_telemetry"
+
+
+def block_telemetry() -> None:
+    """Make ``import openvino_telemetry`` fail in this process (None in sys.modules does that), so
+    that openvino and nncf fall back to their no-op telemetry."""
+    sys.modules.setdefault(TELEMETRY_MODULE, None)
 
 
 def _install_fonts() -> None:

@@ -7,10 +7,12 @@
 For each model (10 classes, freshly built: speed depends on shapes, not on weights): the unpruned
 model and its uniform prunings at each ratio (``uniformly_pruned``, stages/yolo/pruning.py), each
 measured for params and FLOPs (fused, FLOPs = 2 x MACs) and for the latency of one image (batch
-1, fp32, median after warm-up) on PyTorch and on ONNX Runtime (exported as trt_build exports).
-All variants of one model and backend are timed in turns in one run; speedup = unpruned ms /
-pruned ms on the same backend. The figure of merit is speedup / FLOPs ratio: 1 would mean every
-FLOP removed is time saved (the paper's YOLOv8m: 3.7x fewer FLOPs, 1.73x FPS on a GPU, 0.47).
+1, median after warm-up) on PyTorch (fp32), and on ONNX Runtime and OpenVINO (CPU, fp32 and the
+INT8 Q/DQ model, both runtimes reading the same files that trt_build writes). All variants of one
+model are timed in turns in one run (PyTorch in one, the four ONNX columns in another); speedup =
+unpruned fp32 ms / pruned ms on the same runtime. The figure of merit is speedup / FLOPs
+ratio: 1 would mean every FLOP removed is time saved (the paper's YOLOv8m: 3.7x fewer FLOPs,
+1.73x FPS on a GPU, 0.47).
 
 Reads nothing but the ultralytics model configs (every model is built fresh).
 Writes reports/benchmark/benchmark.csv, benchmark.md and speedup_vs_flops.png (not DVC outputs:
@@ -28,8 +30,9 @@ import numpy as np
 from tqdm import tqdm
 
 from stages.compress.quantize import quantize_int8
+from stages.deploy import openvino
 from stages.deploy.export import export_model_onnx
-from stages.deploy.timing import latency_ms, onnx_runner, torch_runner
+from stages.deploy.timing import latency_ms, onnx_runner, openvino_runner, torch_runner
 from stages.pipeline import cli
 from stages.pipeline.environment import cpu_description
 from stages.pipeline.outputs import atomic_path, print_summary, save_figure, write_csv, written
@@ -40,7 +43,9 @@ from stages.yolo.models import check_model_source, model_size
 from stages.yolo.pruning import uniformly_pruned
 
 OUT_DIR = PROJECT_ROOT / "reports" / "benchmark"
-BACKENDS = ("pytorch", "onnxruntime", "onnxruntime_int8")
+BACKENDS = ("pytorch", "onnxruntime", "onnxruntime_int8", "openvino", "openvino_int8")
+# Each backend's speedups are against the unpruned model in fp32 on the same runtime.
+REFERENCE = {b: b.removesuffix("_int8") for b in BACKENDS}
 
 
 def size_rows(config: str, ratios: Sequence[float], imgsz: int) -> tuple[list[dict], list]:
@@ -66,15 +71,15 @@ def benchmark_model(
     config: str, ratios: Sequence[float], imgsz: int, warmup: int, repeats: int, int8: dict
 ) -> list[dict]:
     """Rows for ``config`` unpruned (ratio 0) and pruned at each ratio: timed on PyTorch, and on
-    ONNX Runtime in fp32 and INT8 (``int8``: trt_build's exclusions; speedups against the unpruned
-    fp32 model, int8_vs_fp32 against the same ratio in fp32)."""
+    ONNX Runtime and OpenVINO in fp32 and INT8 (``int8``: trt_build's exclusions; speedups against
+    the unpruned fp32 model on the same runtime, int8_vs_fp32 against the same ratio in fp32)."""
     work = TMP_DIR / "benchmark"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     rows, variants = size_rows(config, ratios, imgsz)
     # Speed does not depend on the weights or on where the ranges come from: random images.
     calibration = np.random.default_rng(0).random((4, 3, imgsz, imgsz), dtype=np.float32)
-    runners: dict[str, dict] = {"pytorch": {}, "onnxruntime": {}}
+    runners: dict[str, dict] = {"pytorch": {}, "ONNX Runtime and OpenVINO": {}}
     for ratio, model in tqdm(variants, desc=f"{config}: export + quantize"):
         fp32, qdq = (work / f"{ratio}{suffix}" for suffix in (".onnx", ".q.onnx"))
         export_model_onnx(model, fp32, imgsz, 1, int8["opset"])
@@ -82,24 +87,44 @@ def benchmark_model(
         runners["pytorch"][("pytorch", ratio)] = torch_runner(
             model.float().fuse(verbose=False), imgsz, "cpu"
         )
-        for backend, path in (("onnxruntime", fp32), ("onnxruntime_int8", qdq)):
-            runners["onnxruntime"][(backend, ratio)] = onnx_runner(path, [1, 3, imgsz, imgsz])
+        shape = [1, 3, imgsz, imgsz]
+        for suffix, path in (("", fp32), ("_int8", qdq)):
+            onnx_runners = runners["ONNX Runtime and OpenVINO"]
+            onnx_runners[(f"onnxruntime{suffix}", ratio)] = onnx_runner(path, shape)
+            onnx_runners[(f"openvino{suffix}", ratio)] = openvino_runner(
+                openvino.write_ir(path), shape
+            )
     times = {}
-    for group, timed in runners.items():  # fp32 and INT8 ONNX models take turns in one run
+    for group, timed in runners.items():  # the ONNX models take turns in one run
         print(f"timing {config} on {group}: {len(timed)} models x ({warmup} + {repeats}) passes")
         times |= {
             key: statistics.median(t) for key, t in latency_ms(timed, warmup, repeats).items()
         }
     for row in rows:
         for backend in BACKENDS:
-            reference = times[("onnxruntime" if backend == "onnxruntime_int8" else backend, 0.0)]
+            reference = times[(REFERENCE[backend], 0.0)]
             ms = times[(backend, row["ratio"])]
             row[f"{backend}_ms"] = round(ms, 2)
             row[f"{backend}_speedup"] = round(reference / ms, 3)
             row[f"{backend}_merit"] = round(reference / ms / row["flops_ratio"], 3)
-        row["int8_vs_fp32"] = round(row["onnxruntime_ms"] / row["onnxruntime_int8_ms"], 3)
+        for runtime in ("onnxruntime", "openvino"):
+            row[f"{runtime}_int8_vs_fp32"] = round(
+                row[f"{runtime}_ms"] / row[f"{runtime}_int8_ms"], 3
+            )
+        row["fastest"] = min(BACKENDS, key=lambda backend: row[f"{backend}_ms"])
+        unpruned_best = min(times[(backend, 0.0)] for backend in BACKENDS)
+        row["fastest_speedup"] = round(unpruned_best / row[f"{row['fastest']}_ms"], 3)
     shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+COLUMN_NAMES = {
+    "pytorch": "PyTorch",
+    "onnxruntime": "ORT fp32",
+    "onnxruntime_int8": "ORT INT8",
+    "openvino": "OpenVINO fp32",
+    "openvino_int8": "OpenVINO INT8",
+}
 
 
 def markdown_table(rows: list[dict], imgsz: int, warmup: int, repeats: int) -> str:
@@ -107,23 +132,24 @@ def markdown_table(rows: list[dict], imgsz: int, warmup: int, repeats: int) -> s
     lines = [
         f"CPU: {cpu['model']} (flags: {', '.join(cpu['flags']) or 'none of note'}), "
         f"{cpu_threads()} threads; imgsz {imgsz}, batch 1; median of {repeats} passes after "
-        f"{warmup} warm-up passes, variants of one model timed in turns (fp32 and INT8 ONNX "
-        f"models in one run). Uniform pruning of a freshly built 10-class model. Speedups against "
-        f"the unpruned model in fp32 on the same runtime (PyTorch; ONNX Runtime for both ORT "
-        f"columns); merit = speedup / FLOPs ratio; INT8/fp32: the same pruned model in fp32 over "
-        f"INT8 (Q/DQ, trt_build's exclusions, random-image calibration: speed only).",
+        f"{warmup} warm-up passes; the variants of one model timed in turns, PyTorch in one run, "
+        f"the four ONNX columns in another. Uniform pruning of a freshly built 10-class model. "
+        f"Each cell: ms (speedup against the unpruned model in fp32 on the same runtime). INT8: "
+        f"the Q/DQ model (trt_build's exclusions, random-image calibration: speed only), read by "
+        f"ONNX Runtime and by OpenVINO (f32 for its float layers). Fastest: the quickest runtime "
+        f"for the row, and its speedup over the unpruned model on that model's own quickest "
+        f"runtime. Merit (speedup / FLOPs ratio) is in benchmark.csv.",
         "",
-        "| model | ratio | params (M) | GFLOPs | FLOPs ratio | PyTorch ms | speedup | merit "
-        "| ORT fp32 ms | speedup | merit | ORT INT8 ms | speedup | merit | INT8/fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | ratio | params (M) | GFLOPs | FLOPs ratio | "
+        + " | ".join(f"{name} ms" for name in COLUMN_NAMES.values())
+        + " | fastest |",
+        "|---|---|---|---|---|" + "---|" * (len(COLUMN_NAMES) + 1),
     ]
     for r in rows:
         cells = [r["model"], f"{r['ratio']:.1f}", f"{r['params_m']:.3f}", f"{r['gflops']:.2f}"]
         cells.append(f"{r['flops_ratio']:.2f}x")
-        for backend in BACKENDS:
-            cells += [f"{r[f'{backend}_ms']:.1f}", f"{r[f'{backend}_speedup']:.2f}x"]
-            cells.append(f"{r[f'{backend}_merit']:.2f}")
-        cells.append(f"{r['int8_vs_fp32']:.2f}x")
+        cells += [f"{r[f'{b}_ms']:.1f} ({r[f'{b}_speedup']:.2f}x)" for b in BACKENDS]
+        cells.append(f"{COLUMN_NAMES[r['fastest']]} ({r['fastest_speedup']:.2f}x)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -137,16 +163,12 @@ def plot_speedup(rows: list[dict], path: Path) -> None:
     ax.plot([1, top], [1, top], "k--", linewidth=1, label="speedup = FLOPs ratio")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        for backend, marker in (
-            ("pytorch", "o-"),
-            ("onnxruntime", "s--"),
-            ("onnxruntime_int8", "^:"),
-        ):
+        for backend, marker in zip(BACKENDS, ("o-", "s--", "^:", "D-.", "v:"), strict=True):
             ax.plot(
                 [r["flops_ratio"] for r in mine],
                 [r[f"{backend}_speedup"] for r in mine],
                 marker,
-                label=f"{model} {backend}",
+                label=f"{model} {COLUMN_NAMES[backend]}",
             )
     ax.set_xlabel("FLOPs reduction (unpruned / pruned)")
     ax.set_ylabel("measured CPU speedup")
@@ -204,9 +226,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         [
             (
                 f"{r['model']} {r['ratio']:.1f}",
-                f"{r['gflops']:.2f} GFLOPs ({r['flops_ratio']:.2f}x fewer)  PyTorch "
-                f"{r['pytorch_speedup']:.2f}x  ORT {r['onnxruntime_speedup']:.2f}x  ORT INT8 "
-                f"{r['onnxruntime_int8_speedup']:.2f}x (INT8/fp32 {r['int8_vs_fp32']:.2f}x)",
+                f"{r['gflops']:.2f} GFLOPs ({r['flops_ratio']:.2f}x fewer)  "
+                + "  ".join(f"{COLUMN_NAMES[b]} {r[f'{b}_speedup']:.2f}x" for b in BACKENDS)
+                + f"  fastest: {COLUMN_NAMES[r['fastest']]}",
             )
             for r in rows
         ]

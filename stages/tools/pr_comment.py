@@ -40,15 +40,13 @@ from stages.tools import dvc
 SUMMARY = PROJECT_ROOT / "reports" / "summary.md"
 ENVIRONMENT = "reports/evaluate/environment.json"
 EVALUATE_METRICS = "reports/metrics.json"
-# reports/metrics.json holds every model's metrics under its name: the stage that made it.
-MODEL_STAGES = {
+# reports/metrics.json holds every model's metrics under its name: the stage that made it (every
+# other row is one of trt_build's deployed models).
+CHECKPOINT_STAGES = {
     "baseline": "baseline",
     "sparse": "sparse_train",
     "pruned": "prune",
     "distilled": "distill",
-    "baseline_deployed": "trt_build",
-    "deployed": "trt_build",
-    "deployed_fp32": "trt_build",
 }
 # The plots a reviewer looks at first, with their titles.
 KEY_PLOTS = {
@@ -131,7 +129,9 @@ def split_metrics(
         stage = files.get(path)
         for key, change in metrics.items():
             if path == EVALUATE_METRICS:
-                by_pr = stage in own or MODEL_STAGES.get(key.split(".")[0]) in changed
+                by_pr = (
+                    stage in own or CHECKPOINT_STAGES.get(key.split(".")[0], "trt_build") in changed
+                )
             else:
                 by_pr = stage in changed
             row = (path, key, change.get("old"), change.get("new"), change.get("diff"))
