@@ -1,6 +1,6 @@
 """Which INT8 model should OpenVINO run: trt_build's Q/DQ file, or NNCF's own quantization?
 
-    python -m stages.tools.openvino_int8   # after `dvc repro trt_build`; needs `pip install nncf`
+    python -m stages.tools.openvino_int8   # after `dvc repro trt_build`; needs the nncf extra
 
 For the deployed model and the baseline (models/deploy/), the fp32 OpenVINO model is quantized
 with NNCF's post-training quantization as ultralytics' ``format=openvino, int8=True`` does it
@@ -13,7 +13,8 @@ OpenVINO reads as it is:
 - speed: the latency of one image, OpenVINO fp32, Q/DQ and NNCF and ONNX Runtime's Q/DQ timed in
   turns (evaluate's settings).
 
-nncf is not a dependency of the pipeline (trt_build keeps the Q/DQ file: docs/int8.md says why).
+nncf is not a dependency of the pipeline, only the ``nncf`` extra of this tool (trt_build keeps the
+Q/DQ file: docs/int8.md says why).
 Reads params.yaml (imgsz, trt_build, evaluate) and models/deploy/. Writes
 reports/openvino_int8/int8.csv and int8.md (on demand, not DVC outputs).
 """
@@ -57,7 +58,8 @@ def nncf_quantized(fp32: Path, out: Path, calibration: np.ndarray, exclude: Sequ
         import nncf
     except ImportError:
         raise cli.UserError(
-            "nncf is not installed: `pip install nncf` (only this tool uses it)."
+            'nncf is not installed: `pip install -c constraints.txt -e ".[nncf]"` (only this '
+            "tool uses it)."
         ) from None
     head = re.escape(head_name(onnx.load(fp32, load_external_data=False)))
     patterns = [f".*(?:{pattern.replace(HEAD, head)}).*" for pattern in exclude]
