@@ -235,15 +235,13 @@ def accuracy(
     return headline, per_class
 
 
-def size_metrics(size: dict[str, float], file: Path) -> dict[str, float]:
-    """Rounded params/FLOPs/MACs (from ``model_size``) and the size of the file (or folder) on
-    disk."""
-    files = [f for f in file.rglob("*") if f.is_file()] if file.is_dir() else [file]
+def size_metrics(size: dict[str, float], mb: float) -> dict[str, float]:
+    """Rounded params/FLOPs/MACs (from ``model_size``) and the size on disk (``mb``)."""
     return {
         "params_m": round(size["params"] / 1e6, 4),
         "gflops": round(size["flops_g"], 4),
         "gmacs": round(size["macs_g"], 4),
-        "file_mb": round(sum(f.stat().st_size for f in files) / 2**20, 3),
+        "file_mb": round(mb, 3),
     }
 
 
@@ -399,7 +397,7 @@ def plot_per_class(rows: list[dict], path: Path) -> None:
 
 REDEPLOY = "re-create it with `dvc repro -f trt_build`, or restore it with `dvc checkout`"
 RECORD_KEYS = ("backend", "input_shape", "artifacts")
-ARTIFACT_KEYS = ("artifact", "source", "runtime", "precision")
+ARTIFACT_KEYS = ("artifact", "source", "runtime", "precision", "mb")
 RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT", "openvino": "OpenVINO"}
 # Where each deploy runtime runs, and how one pass of an artifact is timed there.
 RUNNERS = {
@@ -515,14 +513,16 @@ def measure(
         for row, path in artifacts.items()
     }
     on_openvino = {row for row, a in record["artifacts"].items() if a["runtime"] == "openvino"}
-    files = {**MODELS, **artifacts}
+    # A deployed artifact's size is in its record (an OpenVINO model is a folder of files).
+    mb = {name: path.stat().st_size / 2**20 for name, path in MODELS.items()}
+    mb |= {row: a["mb"] for row, a in record["artifacts"].items()}
     metrics, per_class = {}, {}
     for name, detector in evaluated.items():
         # ultralytics compiles an OpenVINO folder itself: made to compile it as it was timed.
         compiling = openvino.as_compiled_here() if name in on_openvino else contextlib.nullcontext()
         with compiling:
             headline, per_class[name] = accuracy(detector, f"evaluate-{name}", params, ground_truth)
-        metrics[name] = {**headline, **size_metrics(sizes[name], files[name])}
+        metrics[name] = {**headline, **size_metrics(sizes[name], mb[name])}
         images_per_pass = record["input_shape"][0] if name in artifacts else 1
         for where, runs in times.items():
             if name in runs:
