@@ -29,6 +29,13 @@ SCHEMA = {
 }
 
 
+def teacher_settings(params: dict) -> dict:
+    """Every param the teacher's accuracy depends on but its epoch budget: two baselines with the
+    same settings differ only by how long they trained (the teacher curve's x axis)."""
+    section = {k: v for k, v in params["baseline"].items() if k != "epochs"}
+    return {k: params[k] for k in ("seed", "imgsz", "dataset")} | {"baseline": section}
+
+
 def train_baseline(
     params: dict, section: dict, run_name: str, model_out: Path, results_out: Path
 ) -> YOLO:

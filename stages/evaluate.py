@@ -46,7 +46,9 @@ import torch
 from PIL import Image
 from ultralytics import YOLO
 
+from stages import baseline
 from stages.compress.pruning import replay  # noqa: F401  (pruned models run its hooks)
+from stages.dataset import SCHEMA as DATASET_SCHEMA
 from stages.deploy import openvino
 from stages.deploy.onnxrt import as_run_here
 from stages.deploy.timing import (
@@ -67,7 +69,7 @@ from stages.pipeline.outputs import (
     write_json,
     written,
 )
-from stages.pipeline.params import COMMON, Int, Section, load
+from stages.pipeline.params import Int, Section, load
 from stages.pipeline.plots import plot_accuracy_vs_cost
 from stages.pipeline.runtime import PROJECT_ROOT, TMP_DIR
 from stages.yolo import RUNS_DIR
@@ -82,6 +84,7 @@ MODELS = {
     "distilled": PROJECT_ROOT / "models" / "distilled.pt",
 }
 DEPLOY_RECORD = PROJECT_ROOT / "models" / "deploy" / "deploy.json"  # written by trt_build
+TEACHER_CURVE = PROJECT_ROOT / "reports" / "teacher_curve" / "curve.json"  # teacher_curve tool
 DEPLOYED_FROM = "distilled"  # the checkpoint trt_build deploys
 # trt_build's exported models (deploy.json "source") and the checkpoints they come from.
 EXPORTED_FROM = {"model": DEPLOYED_FROM, "baseline": "baseline"}
@@ -114,8 +117,8 @@ MODEL_COLUMNS = (
 )
 
 SCHEMA = {
-    "imgsz": COMMON["imgsz"],
-    "device": COMMON["device"],
+    **baseline.SCHEMA,  # the teacher's settings, matched against the teacher curve's
+    "dataset": DATASET_SCHEMA["dataset"],
     "evaluate": Section(
         {
             "batch": Int(1, 1024),
@@ -272,6 +275,48 @@ def same_runtime_reference(name: str, runtimes: dict[str, str], sources: dict[st
     )
 
 
+def trained_epochs(detectors: dict[str, YOLO]) -> int:
+    """Epochs the distilled model saw in all: baseline, sparse training and distillation, as
+    each checkpoint records its own run."""
+    return sum(int(detectors[n].ckpt["train_args"]["epochs"]) for n in MODELS if n != "pruned")
+
+
+def teacher_verdict(params: dict, curve: dict | None, distilled_ap50: float, seen: int) -> str:
+    """The summary's first line: is the teacher (the baseline) converged, by the teacher curve
+    measured with its settings? Retention only means something if it is; where the curve has a
+    budget-matched control (the teacher trained the ``seen`` epochs the student saw in all),
+    retention against it says what compression cost either way."""
+    epochs = params["baseline"]["epochs"]
+    if curve is None or curve["settings"] != baseline.teacher_settings(params):
+        return (
+            "**The teacher's convergence is not measured for these settings**, so the retention "
+            "figures below may only say that compression costs less than more epochs would gain "
+            "(`python -m stages.tools.teacher_curve` measures it)."
+        )
+    at, plateau = curve["converged_at"], curve["plateau"]
+    control = next((p for p in curve["points"] if p["epochs"] == seen), None)
+    against = (
+        ""
+        if control is None
+        else f" Against a budget-matched control, the teacher trained {seen} epochs (as many as "
+        f"the distilled model saw in all), test AP50 {control['test_ap50']:.3f}: the distilled "
+        f"model keeps **{distilled_ap50 / control['test_ap50']:.1%}**."
+    )
+    if at is not None and epochs >= at:
+        return (
+            f"The teacher is converged: it trained {epochs} epochs, and on the teacher curve "
+            f"(reports/teacher_curve/curve.md) no budget above {at} epochs adds {plateau:g} test "
+            f"AP50." + against
+        )
+    where = f"converges from {at} epochs on" if at else "does not converge within its budgets"
+    return (
+        f"**The teacher is not converged**: it trained {epochs} epochs, and the teacher curve "
+        f"(reports/teacher_curve/curve.md) {where}, so retention against it "
+        + ("overstates what compression keeps." if against else "means nothing.")
+        + against
+    )
+
+
 def compression_headline(
     metrics: dict[str, dict], runtimes: dict[str, str], sources: dict[str, str]
 ) -> str:
@@ -293,7 +338,9 @@ def compression_headline(
         f"**{DEPLOYED_FROM}** keeps **{_kept(model, base)}** of the baseline's "
         f"test AP50 ({model['ap50']:.3f} vs {base['ap50']:.3f}) with "
         f"**{1 - model['params_m'] / base['params_m']:.1%} fewer params** and "
-        f"**{1 - model['gflops'] / base['gflops']:.1%} fewer FLOPs**. Deployed on "
+        f"**{1 - model['gflops'] / base['gflops']:.1%} fewer FLOPs**; pruning alone, before "
+        f"fine-tuning, kept {_kept(metrics['pruned'], base)} ({metrics['pruned']['ap50']:.3f})."
+        f" Deployed on "
         f"{runtimes['deployed']}, it is {_speedup(reference, deployed, device)} as fast as the "
         f"baseline deployed the same way, and {_speedup(base, deployed, device)} end to end "
         f"(against the PyTorch baseline on the {device.upper()})."
@@ -332,9 +379,14 @@ def fastest_on_cpu(
 
 
 def summary_table(
-    metrics: dict[str, dict], imgsz: int, runtimes: dict[str, str], sources: dict[str, str]
+    metrics: dict[str, dict],
+    imgsz: int,
+    runtimes: dict[str, str],
+    sources: dict[str, str],
+    verdict: str,
 ) -> str:
-    """A Markdown table in the paper's shape, with changes relative to the baseline.
+    """A Markdown table in the paper's shape, with changes relative to the baseline, under the
+    teacher's ``verdict`` and the headline.
 
     ``runtimes`` names each row's runtime (and precision), ``sources`` the checkpoint it was built
     from. Each row's speedup is against the baseline on the same runtime (PyTorch rows against the
@@ -352,6 +404,8 @@ def summary_table(
     for d in devices:
         head += [f"{d.upper()} speedup, same runtime", f"{d.upper()} speedup, end-to-end"]
     lines = [
+        verdict,
+        "",
         compression_headline(metrics, runtimes, sources),
         "",
         f"Models on the test split at imgsz {imgsz}. FLOPs = 2 x MACs of the fused model. AP "
@@ -405,6 +459,20 @@ RUNNERS = {
     "openvino": ("cpu", openvino_runner),
     "tensorrt": ("gpu", engine_runner),
 }
+
+
+def read_teacher_curve() -> dict | None:
+    """The teacher curve's record (None when it was never measured)."""
+    if not TEACHER_CURVE.is_file():
+        return None
+    try:
+        curve = json.loads(TEACHER_CURVE.read_text())
+        return curve if {"settings", "converged_at", "plateau", "points"} <= curve.keys() else None
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise cli.UserError(
+            f"{TEACHER_CURVE} is not a teacher curve record ({err}): re-run "
+            f"`python -m stages.tools.teacher_curve` or delete it."
+        ) from err
 
 
 def read_deploy_record() -> dict:
@@ -546,7 +614,9 @@ def row_sources(record: dict) -> dict[str, str]:
     }
 
 
-def write_reports(metrics: dict, per_class: dict, names: dict, record: dict, params: dict) -> None:
+def write_reports(
+    metrics: dict, per_class: dict, names: dict, record: dict, params: dict, verdict: str
+) -> None:
     """metrics.json, summary.md, environment.json, the plot sources and their PNGs."""
     class_rows = [
         {"class": names[c], **{m: per_class[m].get(names[c]) for m in per_class}}
@@ -558,7 +628,9 @@ def write_reports(metrics: dict, per_class: dict, names: dict, record: dict, par
     write_json(METRICS_OUT, metrics)
     with atomic_path(SUMMARY_OUT) as tmp:
         tmp.write_text(
-            summary_table(metrics, params["imgsz"], row_runtimes(record), row_sources(record))
+            summary_table(
+                metrics, params["imgsz"], row_runtimes(record), row_sources(record), verdict
+            )
         )
     write_json(ENVIRONMENT_OUT, describe_environment(str(params["device"])))
     write_csv(REPORT_DIR / "models.csv", model_rows)
@@ -572,8 +644,10 @@ def write_reports(metrics: dict, per_class: dict, names: dict, record: dict, par
     plot_per_class(class_rows, REPORT_DIR / "per_class_ap50.png")
 
 
-def summary_rows(metrics: dict, record: dict, devices: list[str]) -> list[tuple[str, str]]:
-    """The stage's one-screen summary: one line per row, then the headline."""
+def summary_rows(
+    metrics: dict, record: dict, devices: list[str], verdict: str
+) -> list[tuple[str, str]]:
+    """The stage's one-screen summary: one line per row, then the verdict and the headline."""
     runtimes, sources = row_runtimes(record), row_sources(record)
     rows = []
     for name, m in metrics.items():
@@ -592,6 +666,7 @@ def summary_rows(metrics: dict, record: dict, devices: list[str]) -> list[tuple[
         )
     gap = metrics["deployed"]["ap50"] - metrics[DEPLOYED_FROM]["ap50"]
     rows.append(("deployed vs PyTorch", f"AP50 {gap:+.4f} ({runtimes['deployed']})"))
+    rows.append(("teacher", verdict.replace("**", "")))
     rows.append(("in short", compression_headline(metrics, runtimes, sources).replace("**", "")))
     rows.append(written(METRICS_OUT, SUMMARY_OUT, REPORT_DIR))
     return rows
@@ -599,12 +674,15 @@ def summary_rows(metrics: dict, record: dict, devices: list[str]) -> list[tuple[
 
 def main() -> None:
     params = load(SCHEMA)
+    curve = read_teacher_curve()
     detectors = {name: load_detector(path) for name, path in MODELS.items()}
     record, artifacts = deployed_rows(params)
     times = time_models(detectors, artifacts, record, params)
     metrics, per_class = measure(detectors, artifacts, record, times, params)
-    write_reports(metrics, per_class, detectors["baseline"].names, record, params)
-    print_summary("evaluate", summary_rows(metrics, record, list(times)))
+    seen = trained_epochs(detectors)
+    verdict = teacher_verdict(params, curve, metrics[DEPLOYED_FROM]["ap50"], seen)
+    write_reports(metrics, per_class, detectors["baseline"].names, record, params, verdict)
+    print_summary("evaluate", summary_rows(metrics, record, list(times), verdict))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 
 import pytest
 
+from stages import baseline
 from stages.datasets.visdrone import convert_split
-from stages.evaluate import coco_ground_truth, coco_size_ap, summary_table
+from stages.evaluate import SCHEMA, coco_ground_truth, coco_size_ap, summary_table, teacher_verdict
+from stages.pipeline.params import load
 from tests.conftest import VISDRONE_SAMPLE
 
 
@@ -141,8 +145,9 @@ def test_summary_table_compares_speed_on_the_same_runtime_and_end_to_end() -> No
     sources |= {"deployed_fp32": "distilled", "deployed_openvino": "distilled"}
     sources |= {"baseline_deployed_openvino": "baseline"}
     sources |= {"baseline_deployed_openvino_fp32": "baseline"}
-    table = summary_table(metrics, 256, runtimes, sources)
+    table = summary_table(metrics, 256, runtimes, sources, "The teacher is converged: ...")
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert table.splitlines()[0] == "The teacher is converged: ..."
     # PyTorch rows: against the PyTorch baseline (10 / 4), the same figure end to end.
     assert rows["pruned"].endswith("| 75.0% | 4.00 | 250.0 | -75.0% | -25.0% | 2.50x | 2.50x |")
     # Deployed: 8 / 2 against the baseline on its own runtime, 10 / 2 end to end.
@@ -151,8 +156,10 @@ def test_summary_table_compares_speed_on_the_same_runtime_and_end_to_end() -> No
     # No baseline runs in fp32 on ONNX Runtime: no same-runtime speedup; 10 / 2.5 end to end.
     assert rows["deployed_fp32"].endswith("| -75.0% | -25.0% | – | 4.00x |")
     assert "| 0.200 | 0.400 | – |" in rows["baseline"]  # AP large: no such objects
-    first = table.splitlines()[0]
+    first = table.splitlines()[2]
     assert "keeps **97.5%** of the baseline's test AP50 (0.780 vs 0.800)" in first
+    # The pruned row before fine-tuning: 0.60 / 0.80.
+    assert "pruning alone, before fine-tuning, kept 75.0% (0.600)" in first
     assert "**75.0% fewer params** and **25.0% fewer FLOPs**" in first
     assert "4.00x as fast as the baseline deployed the same way, and 5.00x end to end" in first
     # INT8 against fp32 of the same model on the same runtime: 0.780 - 0.785, 2.5 / 2.
@@ -165,3 +172,37 @@ def test_summary_table_compares_speed_on_the_same_runtime_and_end_to_end() -> No
         "**3.33x** as fast as the baseline on its own fastest CPU runtime (OpenVINO fp32, 5.00 ms)."
     ) in first
     assert rows["deployed_openvino"].endswith("| -75.0% | -25.0% | 4.00x | 6.67x |")
+
+
+def test_the_teacher_verdict_follows_the_curve_measured_with_the_teachers_settings() -> None:
+    params = load(SCHEMA)
+    # As the teacher_curve tool records it: JSON, with every setting but the epoch budget.
+    settings = json.loads(json.dumps(baseline.teacher_settings(params)))
+    assert "epochs" not in settings["baseline"]
+    points = [{"epochs": e, "test_ap50": a} for e, a in ((20, 0.70), (40, 0.80), (60, 0.805))]
+
+    def verdict(epochs: int, converged_at: int | None, seen: int = 0, **changed: object) -> str:
+        mine = copy.deepcopy(params)
+        mine["baseline"] |= {"epochs": epochs, **changed}
+        curve = {"settings": settings, "plateau": 0.01, "converged_at": converged_at}
+        return teacher_verdict(mine, curve | {"points": points}, 0.76, seen)
+
+    assert verdict(40, 40).startswith("The teacher is converged: it trained 40 epochs")
+    assert "no budget above 40 epochs adds 0.01 test AP50." in verdict(60, 40)
+    assert verdict(20, 40).startswith("**The teacher is not converged**: it trained 20 epochs")
+    assert verdict(20, 40).endswith(
+        "converges from 40 epochs on, so retention against it means nothing."
+    )
+    assert "does not converge within its budgets" in verdict(60, None)
+    # The student saw 40 epochs in all: the curve's 40-epoch teacher is the control (0.76 / 0.80).
+    matched = verdict(20, 40, seen=40)
+    assert "retention against it overstates what compression keeps." in matched
+    assert matched.endswith(
+        "Against a budget-matched control, the teacher trained 40 epochs (as many as the "
+        "distilled model saw in all), test AP50 0.800: the distilled model keeps **95.0%**."
+    )
+    assert "keeps **94.4%**" in verdict(40, 40, seen=60)  # 0.76 / 0.805, also when converged
+    # A curve of other settings (one learning rate) says nothing about this teacher.
+    other = verdict(40, 40, lr0=params["baseline"]["lr0"] * 2)
+    assert other.startswith("**The teacher's convergence is not measured for these settings**")
+    assert teacher_verdict(params, None, 0.76, 40) == other

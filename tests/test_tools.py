@@ -11,6 +11,7 @@ import yaml
 from stages.pipeline.cli import UserError
 from stages.pipeline.params import validate
 from stages.tools.distill_ablation import choose_cwd, interval, markdown, paired
+from stages.tools.finetune_curve import knee
 from stages.tools.pareto import experiments, pareto_front, sweep_rows
 from stages.tools.pr_comment import (
     build_comment,
@@ -20,7 +21,7 @@ from stages.tools.pr_comment import (
     split_metrics,
 )
 from stages.tools.profile import apply_profile, load_profile, profiles
-from stages.tools.teacher_curve import with_settings
+from stages.tools.teacher_curve import converged_at, seed_noise, with_settings
 from tests.conftest import PROJECT_ROOT, STAGES
 
 
@@ -271,3 +272,28 @@ def test_teacher_curve_settings_change_one_key_and_refuse_unknown_ones() -> None
     for bad in ("baseline.batchsize=2", "baseline.batch", "nothing.batch=2", "seed.x=1"):
         with pytest.raises(UserError, match="expected KEY=VALUE"):
             with_settings(raw, [bad])
+
+
+def test_teacher_curve_converges_where_no_larger_budget_adds_the_plateau() -> None:
+    def points(*test_ap50: float) -> list[dict]:
+        return [{"epochs": 10 * (i + 1), "test_ap50": a} for i, a in enumerate(test_ap50)]
+
+    assert converged_at(points(0.50, 0.70, 0.795, 0.80), 0.01) == 30  # +0.005 after 30
+    assert converged_at(points(0.50, 0.70, 0.705, 0.72), 0.01) is None  # 40 adds 0.015 over 30
+    assert converged_at(points(0.70, 0.72, 0.715), 0.01) == 20  # a dip is not a gain
+    assert converged_at(points(0.50, 0.70), 0.01) is None  # the largest budget is never enough
+    noise = {0: {"epochs": 60, "test_ap50": 0.80}, 1: {"epochs": 60, "test_ap50": 0.7925}}
+    assert seed_noise(noise) == (
+        "Seed noise of the last point (60 epochs): test AP50 0.8000 (seed 0), 0.7925 (seed 1); "
+        "spread 0.0075."
+    )
+    assert seed_noise({0: noise[0]}) == ""
+
+
+def test_finetune_knee_is_the_shortest_budget_near_the_best_on_val() -> None:
+    def points(*val_ap50: float) -> list[dict]:
+        return [{"epochs": e, "val_ap50": a} for e, a in zip((0, 2, 4, 8), val_ap50, strict=True)]
+
+    assert knee(points(0.1, 0.60, 0.702, 0.705), 0.005) == 4  # 0.705 - 0.702 < 0.005
+    assert knee(points(0.1, 0.60, 0.690, 0.705), 0.005) == 8
+    assert knee(points(0.1, 0.71, 0.700, 0.705), 0.005) == 2  # the best is the shortest

@@ -37,7 +37,7 @@ from stages.pipeline import cli
 from stages.pipeline.outputs import atomic_path, print_summary, write_csv, write_json, written
 from stages.pipeline.params import load
 from stages.pipeline.runtime import CACHE_DIR, PROJECT_ROOT
-from stages.yolo.models import load_detector
+from stages.yolo.models import load_detector, model_size
 from stages.yolo.training import ModelKeepingTrainer, train, training_args
 from stages.yolo.validation import split_accuracy
 
@@ -69,14 +69,14 @@ def choose_cwd(rows: Sequence[dict]) -> str:
     return max(arms, key=lambda a: statistics.fmean(r["val_ap50"] for r in rows if r["arm"] == a))
 
 
-def markdown(rows: Sequence[dict], chosen: str, section: dict) -> str:
-    """The report: the val decision, then the three arms and their paired differences on test."""
+def markdown(rows: Sequence[dict], chosen: str, section: dict, cut: str = "") -> str:
+    """The report: the val decision, then the three arms and their paired differences on test.
+    ``cut`` says how much smaller the student is than the teacher."""
     seeds = len({r["seed"] for r in rows})
     lines = [
-        f"Student: the pruned model; teacher: {section['teacher']}; {section['epochs']} epochs "
-        f"each, "
-        f"{seeds} seeds; the same trainer settings for every arm. Mean ± 95% t-interval over "
-        f"seeds.",
+        f"Student: the pruned model{cut}; teacher: {section['teacher']}; {section['epochs']} "
+        f"epochs each, {seeds} seeds; the same trainer settings for every arm. Mean ± 95% "
+        f"t-interval over seeds.",
         "",
         "**Decided on val**: CWD candidates (mean val AP50)",
         "",
@@ -122,6 +122,19 @@ def _digest(section: dict, *parts: object) -> str:
     files = (distill.STUDENT, distill.TEACHERS[section["teacher"]])
     key = [section, *parts, *(_file_digest(f) for f in files)]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def size_cut(section: dict, imgsz: int) -> str:
+    """ ", N% fewer params and M% fewer FLOPs than the teacher" for the pipeline's student."""
+    student, teacher = (
+        model_size(load_detector(path).model, imgsz)
+        for path in (distill.STUDENT, distill.TEACHERS[section["teacher"]])
+    )
+    return (
+        f" ({1 - student['params'] / teacher['params']:.1%} fewer params and "
+        f"{1 - student['flops_g'] / teacher['flops_g']:.1%} fewer FLOPs than the teacher at "
+        f"imgsz {imgsz})"
+    )
 
 
 def run(section: dict, params: dict, arm: str, seed: int, weight: float, tau: float) -> dict:
@@ -176,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.out.resolve()
     write_csv(out / "ablation.csv", rows)
     with atomic_path(out / "ablation.md") as tmp:
-        tmp.write_text(markdown(rows, chosen, section))
+        tmp.write_text(markdown(rows, chosen, section, size_cut(section, params["imgsz"])))
     summary = [
         (f"{arm} − {other}", f"{d['mean']:+.4f} ± {d['half']:.4f} test AP50, {d['wins']} wins")
         for arm, other in ((chosen, "plain"), (chosen, "ultralytics"))
