@@ -84,7 +84,8 @@ def make_repo(root: Path, overrides: dict) -> tuple[Path, dict[str, str]]:
     for name in filter(None, listed):
         src = PROJECT_ROOT / name
         outputs = name.startswith(("data/", "models/", "reports/"))
-        inputs = name.startswith(("data/raw/", "reports/teacher_curve/"))  # git files stages read
+        # Git files: the raw data, and the tool reports that evaluate reads and dvc.yaml plots.
+        inputs = name.startswith(("data/raw/", "reports/teacher_curve/", "reports/finetune_curve/"))
         if src.is_file() and (not outputs or inputs):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, repo / name)

@@ -25,6 +25,7 @@ from stages.pipeline.outputs import atomic_path, print_summary, save_figure, wri
 from stages.pipeline.params import load
 from stages.pipeline.runtime import PROJECT_ROOT
 from stages.tools.distill_ablation import run
+from stages.tools.teacher_curve import check_budgets
 from stages.yolo.models import load_detector
 from stages.yolo.validation import split_accuracy
 
@@ -86,8 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=0.005)
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args(argv)
-    if len(args.epochs) < 2 or min(args.epochs) < 1 or len(set(args.epochs)) != len(args.epochs):
-        parser.error("--epochs needs at least two distinct budgets >= 1")
+    check_budgets(parser, args.epochs)
     params = load(distill.SCHEMA)
     section = params["distill"]
     arm = "cwd" if section["weight"] else "plain"

@@ -28,6 +28,7 @@ converged. Not DVC outputs: run on demand.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import itertools
@@ -71,6 +72,12 @@ def converged_at(points: Sequence[dict], plateau: float) -> int | None:
         if all(p["test_ap50"] - point["test_ap50"] < plateau for p in ordered[i + 1 :]):
             return point["epochs"]
     return None
+
+
+def check_budgets(parser: argparse.ArgumentParser, epochs: Sequence[int]) -> None:
+    """A curve needs at least two distinct budgets of at least one epoch."""
+    if len(epochs) < 2 or min(epochs) < 1 or len(set(epochs)) != len(epochs):
+        parser.error("--epochs needs at least two distinct budgets >= 1")
 
 
 def with_settings(raw: dict, settings: Sequence[str]) -> dict:
@@ -185,8 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the largest budget")
     args = parser.parse_args(argv)
-    if len(args.epochs) < 2 or min(args.epochs) < 1 or len(set(args.epochs)) != len(args.epochs):
-        parser.error("--epochs needs at least two distinct budgets >= 1")
+    check_budgets(parser, args.epochs)
     schema = {**baseline.SCHEMA, "dataset": DATASET_SCHEMA["dataset"]}
     raw = with_settings(read_yaml(PARAMS_FILE), args.set)
     params = validate(schema, raw)
