@@ -85,6 +85,7 @@ MODELS = {
 }
 DEPLOY_RECORD = PROJECT_ROOT / "models" / "deploy" / "deploy.json"  # written by trt_build
 TEACHER_CURVE = PROJECT_ROOT / "reports" / "teacher_curve" / "curve.json"  # teacher_curve tool
+CURVE_KEYS = {"settings", "converged_at", "plateau", "points"}  # what teacher_verdict reads
 DEPLOYED_FROM = "distilled"  # the checkpoint trt_build deploys
 # trt_build's exported models (deploy.json "source") and the checkpoints they come from.
 EXPORTED_FROM = {"model": DEPLOYED_FROM, "baseline": "baseline"}
@@ -281,6 +282,20 @@ def trained_epochs(detectors: dict[str, YOLO]) -> int:
     return sum(int(detectors[n].ckpt["train_args"]["epochs"]) for n in MODELS if n != "pruned")
 
 
+def seed_spread(curve: dict, seen: int, distilled_ap50: float) -> str:
+    """How much of a retention against the control is seed noise, where the curve trained its
+    last point (the control) under several seeds."""
+    seeds = curve.get("last_point_seeds") or {}
+    if len(seeds) < 2 or curve["points"][-1]["epochs"] != seen:
+        return ""
+    scores = ", ".join(f"{ap:.3f} (seed {seed})" for seed, ap in seeds.items())
+    mean = statistics.fmean(seeds.values())
+    return (
+        f" Seed noise: the control scores {scores}; against their mean, {mean:.3f}, the "
+        f"distilled model keeps {distilled_ap50 / mean:.1%}."
+    )
+
+
 def teacher_verdict(params: dict, curve: dict | None, distilled_ap50: float, seen: int) -> str:
     """The summary's first line: is the teacher (the baseline) converged, by the teacher curve
     measured with its settings? Retention only means something if it is; where the curve has a
@@ -301,6 +316,7 @@ def teacher_verdict(params: dict, curve: dict | None, distilled_ap50: float, see
         else f" Against a budget-matched control, the teacher trained {seen} epochs (as many as "
         f"the distilled model saw in all), test AP50 {control['test_ap50']:.3f}: the distilled "
         f"model keeps **{distilled_ap50 / control['test_ap50']:.1%}**."
+        + seed_spread(curve, seen, distilled_ap50)
     )
     if at is not None and epochs >= at:
         return (
@@ -467,12 +483,15 @@ def read_teacher_curve() -> dict | None:
         return None
     try:
         curve = json.loads(TEACHER_CURVE.read_text())
-        return curve if {"settings", "converged_at", "plateau", "points"} <= curve.keys() else None
-    except (json.JSONDecodeError, AttributeError) as err:
+        missing = sorted(CURVE_KEYS - curve.keys())
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        missing = [f"a JSON mapping ({type(err).__name__})"]
+    if missing:
         raise cli.UserError(
-            f"{TEACHER_CURVE} is not a teacher curve record ({err}): re-run "
+            f"{TEACHER_CURVE} is not a teacher curve record (it lacks {missing[0]}): re-run "
             f"`python -m stages.tools.teacher_curve` or delete it."
-        ) from err
+        )
+    return curve
 
 
 def read_deploy_record() -> dict:

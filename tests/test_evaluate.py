@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from stages import baseline
+from stages import baseline, evaluate
 from stages.datasets.visdrone import convert_split
 from stages.evaluate import SCHEMA, coco_ground_truth, coco_size_ap, summary_table, teacher_verdict
+from stages.pipeline.cli import UserError
 from stages.pipeline.params import load
 from tests.conftest import VISDRONE_SAMPLE
 
@@ -202,7 +204,39 @@ def test_the_teacher_verdict_follows_the_curve_measured_with_the_teachers_settin
         "distilled model saw in all), test AP50 0.800: the distilled model keeps **95.0%**."
     )
     assert "keeps **94.4%**" in verdict(40, 40, seen=60)  # 0.76 / 0.805, also when converged
+    # The last point under two seeds (JSON keys are strings): 0.76 / mean(0.805, 0.795) = 95.0%.
+    mine = copy.deepcopy(params)
+    mine["baseline"]["epochs"] = 40
+    noisy = {"settings": settings, "plateau": 0.01, "converged_at": 40, "points": points}
+    noisy["last_point_seeds"] = {"0": 0.805, "1": 0.795}
+    assert teacher_verdict(mine, noisy, 0.76, 60).endswith(
+        "Seed noise: the control scores 0.805 (seed 0), 0.795 (seed 1); against their mean, "
+        "0.800, the distilled model keeps 95.0%."
+    )
+    assert "Seed noise" not in teacher_verdict(mine, noisy, 0.76, 40)  # not the noisy point
     # A curve of other settings (one learning rate) says nothing about this teacher.
     other = verdict(40, 40, lr0=params["baseline"]["lr0"] * 2)
     assert other.startswith("**The teacher's convergence is not measured for these settings**")
     assert teacher_verdict(params, None, 0.76, 40) == other
+
+
+def test_a_teacher_curve_record_is_read_whole_or_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = tmp_path / "curve.json"
+    monkeypatch.setattr(evaluate, "TEACHER_CURVE", record)
+    assert evaluate.read_teacher_curve() is None  # never measured
+    whole = {"settings": {}, "converged_at": None, "plateau": 0.01, "points": []}
+    record.write_text(json.dumps(whole))
+    assert evaluate.read_teacher_curve() == whole
+    for broken, lacks in (
+        ({k: v for k, v in whole.items() if k != "plateau"}, "plateau"),
+        ([1, 2], "a JSON mapping (AttributeError)"),
+    ):
+        record.write_text(json.dumps(broken))
+        with pytest.raises(UserError, match=re.escape(f"lacks {lacks}): re-run")) as err:
+            evaluate.read_teacher_curve()
+        assert "\n" not in str(err.value)
+    record.write_text("{not json")
+    with pytest.raises(UserError, match="JSONDecodeError"):
+        evaluate.read_teacher_curve()

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -326,20 +327,24 @@ def test_an_experiment_shows_in_metrics_diff_plots_diff_pr_comment_and_pareto(
 def test_distill_ablation_runs_all_three_arms_and_reports_on_test(
     tiny_repo: tuple[Path, dict],
 ) -> None:
-    """The ablation tool end to end: plain fine-tuning, CWD and ultralytics' own distillation
-    (its `distill_model` train arg on our pruned student), each over two seeds."""
+    """The ablation tool end to end: two CWD candidates screened on val over two seeds, then
+    plain fine-tuning, the chosen CWD and ultralytics' own distillation (its `distill_model`
+    train arg on our pruned student) over three."""
     repo, env = tiny_repo
     _reproduced(repo, env)
     out_dir = repo.parent / "ablation"
-    command = [sys.executable, "-m", "stages.tools.distill_ablation", "--seeds", "0", "1"]
-    _run([*command, "--weights", "0.1", "--temperatures", "1", "--out", str(out_dir)], repo, env)
+    command = [sys.executable, "-m", "stages.tools.distill_ablation", "--seeds", "0", "1", "2"]
+    command += ["--screen-seeds", "2", "--weights", "0.1", "--temperatures", "1", "4"]
+    _run([*command, "--out", str(out_dir)], repo, env)
     rows = (out_dir / "ablation.csv").read_text().splitlines()
     assert rows[0].startswith("arm,seed,weight,temperature,val_ap50,")
-    assert sorted(r.split(",")[0] for r in rows[1:]) == sorted(
-        ["plain"] * 2 + ["cwd w0.1 tau1"] * 2 + ["ultralytics"] * 2
-    )
+    runs = Counter(r.split(",")[0] for r in rows[1:])
+    chosen = next(arm for arm, n in runs.items() if arm.startswith("cwd") and n == 3)
+    unchosen = ({"cwd w0.1 tau1", "cwd w0.1 tau4"} - {chosen}).pop()
+    assert runs == {"plain": 3, chosen: 3, unchosen: 2, "ultralytics": 3}
     report = (out_dir / "ablation.md").read_text()
-    assert "| cwd w0.1 tau1 (chosen) |" in report and "| ultralytics |" in report
+    assert "(mean val AP50 over seeds 0, 1)" in report
+    assert f"| {chosen} (chosen) |" in report and "| ultralytics |" in report
     # The built-in distillation saved the bare pruned student, not its wrapper or the teacher.
     check = (
         "from stages.yolo.models import load_detector; "
@@ -350,9 +355,7 @@ def test_distill_ablation_runs_all_three_arms_and_reports_on_test(
     )
     assert _run([sys.executable, "-c", check], repo, env).split()[-1] == "True"
     # Cached: a second call trains nothing and writes the same report.
-    again = _run(
-        [*command, "--weights", "0.1", "--temperatures", "1", "--out", str(out_dir)], repo, env
-    )
+    again = _run([*command, "--out", str(out_dir)], repo, env)
     assert "Starting training" not in again and (out_dir / "ablation.md").read_text() == report
 
 

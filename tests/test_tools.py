@@ -12,7 +12,7 @@ from stages.pipeline.cli import UserError
 from stages.pipeline.params import validate
 from stages.tools.distill_ablation import choose_cwd, interval, markdown, paired
 from stages.tools.finetune_curve import knee
-from stages.tools.pareto import experiments, pareto_front, sweep_rows
+from stages.tools.pareto import experiments, fastest_within, pareto_front, sweep_rows
 from stages.tools.pr_comment import (
     build_comment,
     changed_stages,
@@ -51,13 +51,17 @@ def test_pareto_front_matches_a_reference_by_cost_levels() -> None:
 def _rev(name: str | None, rev: str, ratio: float, ap50: float, ms: float) -> dict:
     metrics = {"deployed": {"ap50": ap50, "map50_95": ap50 / 2, "params_m": ratio, "gflops": 1.0}}
     metrics["deployed"]["cpu_latency_ms"] = ms
+    metrics["baseline"] = {"gflops": 1.0 + ratio}
     return {
         "rev": rev,
         "name": name,
         "error": None,
         "data": {
             "params": {"params.yaml": {"data": {"seed": 0, "prune": {"ratio": ratio}}}},
-            "metrics": {"reports/metrics.json": {"data": metrics}},
+            "metrics": {
+                "reports/metrics.json": {"data": metrics},
+                "reports/distill/distill.json": {"data": {"ap50": ap50 + 0.01}},
+            },
         },
     }
 
@@ -83,6 +87,13 @@ def test_experiments_flatten_dvc_exp_show_and_keep_only_varying_params() -> None
     assert [r["experiment"] for r in rows] == ["main", "r7", "ccccccc"]
     assert {k for k in rows[0] if "." in k} == {"prune.ratio"}  # seed never varies
     assert [r["front_latency"] for r in rows] == [True, True, False]
+    # r7: 1 GFLOPs out of 1.7 unpruned is a 41.2% cut; its distilled val AP50 is 0.66.
+    assert (rows[1]["val_ap50"], rows[1]["flops_cut"]) == (0.66, round(1 - 1 / 1.7, 4))
+    # val decides, not test: within 3% of 0.70 (>= 0.679) only main (val 0.71, 9 ms) is left;
+    # within 3% of 0.65 (>= 0.6305) r7 (0.66, 8 ms) joins it and is faster; none keeps 0.7275.
+    assert fastest_within(rows, 0.70, 0.03)["experiment"] == "main"
+    assert fastest_within(rows, 0.65, 0.03)["experiment"] == "r7"
+    assert fastest_within(rows, 0.75, 0.03) is None
 
 
 def _lock(ratio: float, code: str = "a1", baseline_model: str = "m1") -> dict:
@@ -248,7 +259,15 @@ def test_ablation_chooses_on_val_and_pairs_each_seed_on_test() -> None:
         + arm("cwd w0.1 tau1", (0.61, 0.62, 0.63), (0.71, 0.71, 0.76))
         + arm("ultralytics", (0.60, 0.60, 0.60), (0.69, 0.70, 0.71))
     )
-    assert choose_cwd(rows) == "cwd w0.1 tau1"
+    assert choose_cwd(rows, [0, 1, 2]) == "cwd w0.1 tau1"
+    # Screened on seeds 0 and 1 (all a second candidate ran on): its seed 2 does not count.
+    screen = arm("cwd w0.1 tau1", (0.60, 0.62, 0.70), (0.7,) * 3) + arm(
+        "cwd w1 tau4", (0.63, 0.61), (0.7,) * 2
+    )
+    assert choose_cwd(screen, [0, 1]) == "cwd w1 tau4"  # 0.62 against 0.61, not 0.64
+    assert "| cwd w1 tau4 (chosen) | 0.6200 ± 0.1271 |" in markdown(
+        screen, "cwd w1 tau4", {"teacher": "baseline", "epochs": 4}, [0, 1]
+    )
     # Paired differences by hand: +0.01, -0.01, +0.02 -> mean 0.00667, sd 0.0152753; the 95%
     # t quantile with 2 degrees of freedom is 4.302653.
     d = paired(rows, "cwd w0.1 tau1", "plain")
@@ -257,7 +276,7 @@ def test_ablation_chooses_on_val_and_pairs_each_seed_on_test() -> None:
     assert (d["wins"], d["seeds"]) == (2, 3)
     assert interval([1.0, 1.0, 1.0]) == (1.0, 0.0)
     cfg = {"teacher": "baseline", "epochs": 4}
-    table = markdown(rows, "cwd w0.1 tau1", cfg)
+    table = markdown(rows, "cwd w0.1 tau1", cfg, [0, 1, 2])
     assert "| cwd w0.1 tau1 (chosen) |" in table
     assert "| cwd w0.1 tau1 − plain | +0.0067 ± 0.0379 | 2/3 seeds |" in table
     assert "| ultralytics | 0.7000 ± 0.0248 |" in table

@@ -1,7 +1,7 @@
 """What CWD is worth: CWD against plain fine-tuning and ultralytics' own distillation.
 
     python -m stages.tools.distill_ablation                                  # 5 seeds
-    python -m stages.tools.distill_ablation --weights 0.05 0.1 0.3 --temperatures 1 2
+    python -m stages.tools.distill_ablation --weights 0.1 1 --temperatures 1 4 --screen-seeds 2
 
 Runs on the pipeline's current state (after `dvc repro`): the pruned student, the teacher and
 every other `distill` param from params.yaml. Three arms, each over the same seeds with the same
@@ -13,8 +13,10 @@ student, teacher, trainer settings and budget:
   score-weighted L2 loss on the neck features through projectors) at its default weight ``dis``.
 
 Every run is measured on val and on test. The CWD candidate is **chosen on val** (best mean val
-AP50 over seeds); the three arms are **reported on test** only, with 95% t-intervals and paired
-differences (same seed: same augmentation and batch order). Reads params.yaml (`distill`, `seed`,
+AP50 over the first ``--screen-seeds`` seeds, default all: a grid of candidates on every seed
+costs more than the comparison it decides); the chosen one and the other two arms then run on
+every seed and are **reported on test** only, with 95% t-intervals and paired differences (same
+seed: same augmentation and batch order). Reads params.yaml (`distill`, `seed`,
 `imgsz`, `device`), data/yolo, models/pruned.pt and the teacher. Writes
 reports/distill_ablation/ablation.csv (one row per run) and ablation.md. Not DVC outputs: run on
 demand. Each run is cached in .cache/distill_ablation/ under a hash of everything it depends on,
@@ -59,32 +61,45 @@ def paired(rows: Sequence[dict], arm: str, other: str, key: str = "test_ap50") -
     """``arm`` minus ``other`` seed by seed: mean, 95% half-width, wins, seeds."""
     by_seed = {r["seed"]: r[key] for r in rows if r["arm"] == other}
     diffs = [r[key] - by_seed[r["seed"]] for r in rows if r["arm"] == arm and r["seed"] in by_seed]
-    mean, half = interval(diffs)
+    mean, half = interval(diffs) if diffs else (float("nan"), float("nan"))  # e.g. --no-ultralytics
     return {"mean": mean, "half": half, "wins": sum(d > 0 for d in diffs), "seeds": len(diffs)}
 
 
-def choose_cwd(rows: Sequence[dict]) -> str:
-    """The CWD arm with the best mean val AP50 (ties: the first)."""
+def arm_name(weight: float, tau: float) -> str:
+    """ "plain" (fine-tuning alone) or the CWD candidate's name, e.g. "cwd w0.1 tau1"."""
+    return f"cwd w{weight:g} tau{tau:g}" if weight else "plain"
+
+
+def screened(rows: Sequence[dict], seeds: Sequence[int]) -> dict[str, list[float]]:
+    """Val AP50 of every CWD candidate on ``seeds``, the seeds all candidates ran on."""
     arms = sorted({r["arm"] for r in rows if r["arm"].startswith("cwd")})
-    return max(arms, key=lambda a: statistics.fmean(r["val_ap50"] for r in rows if r["arm"] == a))
+    return {a: [r["val_ap50"] for r in rows if r["arm"] == a and r["seed"] in seeds] for a in arms}
 
 
-def markdown(rows: Sequence[dict], chosen: str, section: dict, cut: str = "") -> str:
-    """The report: the val decision, then the three arms and their paired differences on test.
-    ``cut`` says how much smaller the student is than the teacher."""
+def choose_cwd(rows: Sequence[dict], seeds: Sequence[int]) -> str:
+    """The CWD arm with the best mean val AP50 on ``seeds`` (ties: the first)."""
+    return max((val := screened(rows, seeds)), key=lambda arm: statistics.fmean(val[arm]))
+
+
+def markdown(
+    rows: Sequence[dict], chosen: str, section: dict, screen: Sequence[int], cut: str = ""
+) -> str:
+    """The report: the val decision on the ``screen`` seeds, then the three arms and their paired
+    differences on test. ``cut`` says how much smaller the student is than the teacher."""
     seeds = len({r["seed"] for r in rows})
     lines = [
         f"Student: the pruned model{cut}; teacher: {section['teacher']}; {section['epochs']} "
         f"epochs each, {seeds} seeds; the same trainer settings for every arm. Mean ± 95% "
         f"t-interval over seeds.",
         "",
-        "**Decided on val**: CWD candidates (mean val AP50)",
+        f"**Decided on val**: CWD candidates (mean val AP50 over seeds "
+        f"{', '.join(map(str, screen))})",
         "",
         "| CWD arm | val AP50 |",
         "|---|---|",
     ]
-    for arm in sorted({r["arm"] for r in rows if r["arm"].startswith("cwd")}):
-        mean, half = interval([r["val_ap50"] for r in rows if r["arm"] == arm])
+    for arm, val in screened(rows, screen).items():
+        mean, half = interval(val)
         mark = " (chosen)" if arm == chosen else ""
         lines.append(f"| {arm}{mark} | {mean:.4f} ± {half:.4f} |")
     lines += [
@@ -137,7 +152,7 @@ def size_cut(section: dict, imgsz: int) -> str:
     )
 
 
-def run(section: dict, params: dict, arm: str, seed: int, weight: float, tau: float) -> dict:
+def run(section: dict, params: dict, arm: str, weight: float, tau: float, seed: int) -> dict:
     """One fine-tuning run of ``arm`` (cached), measured on val and test."""
     section = {**section, "weight": weight, "temperature": tau}
     name = f"ablation-{arm}-s{seed}"
@@ -168,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--weights", type=float, nargs="+", help="CWD weights (default: params)")
     parser.add_argument("--temperatures", type=float, nargs="+", help="CWD tau (default: params)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--screen-seeds", type=int, help="choose CWD on the first N seeds (default: all)"
+    )
     parser.add_argument("--no-ultralytics", action="store_true", help="skip the built-in arm")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args(argv)
@@ -179,17 +197,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--weights and --temperatures must be > 0 (plain fine-tuning always runs)")
     if len(set(args.seeds)) != len(args.seeds) or len(args.seeds) < 2:
         parser.error("--seeds must be at least two distinct seeds")
+    if not 2 <= (args.screen_seeds or len(args.seeds)) <= len(args.seeds):
+        parser.error("--screen-seeds must be at least 2 and at most the number of --seeds")
 
-    arms = [("plain", 0.0, section["temperature"])]
-    arms += [(f"cwd w{w:g} tau{t:g}", w, t) for w in weights for t in taus]
+    screen = args.seeds[: args.screen_seeds]
+    candidates = [(arm_name(w, t), w, t) for w in weights for t in taus]
+    rows = [run(section, params, *arm, seed) for arm in candidates for seed in screen]
+    chosen = choose_cwd(rows, screen)
+    arms = [("plain", 0.0, section["temperature"]), *(a for a in candidates if a[0] == chosen)]
     if not args.no_ultralytics:
         arms.append(("ultralytics", 0.0, section["temperature"]))
-    rows = [run(section, params, a, s, w, t) for a, w, t in arms for s in args.seeds]
-    chosen = choose_cwd(rows)
+    done = {(r["arm"], r["seed"]) for r in rows}
+    rows += [
+        run(section, params, *arm, seed)
+        for arm in arms
+        for seed in args.seeds
+        if (arm[0], seed) not in done
+    ]
     out = args.out.resolve()
     write_csv(out / "ablation.csv", rows)
     with atomic_path(out / "ablation.md") as tmp:
-        tmp.write_text(markdown(rows, chosen, section, size_cut(section, params["imgsz"])))
+        tmp.write_text(markdown(rows, chosen, section, screen, size_cut(section, params["imgsz"])))
     summary = [
         (f"{arm} − {other}", f"{d['mean']:+.4f} ± {d['half']:.4f} test AP50, {d['wins']} wins")
         for arm, other in ((chosen, "plain"), (chosen, "ultralytics"))

@@ -24,7 +24,7 @@ from stages.pipeline import cli
 from stages.pipeline.outputs import atomic_path, print_summary, save_figure, write_csv, written
 from stages.pipeline.params import load
 from stages.pipeline.runtime import PROJECT_ROOT
-from stages.tools.distill_ablation import run
+from stages.tools.distill_ablation import arm_name, run
 from stages.tools.teacher_curve import check_budgets
 from stages.yolo.models import load_detector
 from stages.yolo.validation import split_accuracy
@@ -90,13 +90,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_budgets(parser, args.epochs)
     params = load(distill.SCHEMA)
     section = params["distill"]
-    arm = "cwd" if section["weight"] else "plain"
+    arm = arm_name(section["weight"], section["temperature"])
     student = load_detector(distill.STUDENT)
     teacher = split_accuracy(load_detector(distill.TEACHERS[section["teacher"]]), "teacher", params)
     points = [{"epochs": 0, **split_accuracy(student, "pruned", params)}]
     for epochs in sorted(args.epochs):
         budget = {**section, "epochs": epochs}
-        row = run(budget, params, arm, params["seed"], section["weight"], section["temperature"])
+        row = run(budget, params, arm, section["weight"], section["temperature"], params["seed"])
         points.append({"epochs": epochs, **{k: row[k] for k in teacher}})
     chosen = knee(points, args.tolerance)
     out = args.out.resolve()

@@ -6,11 +6,16 @@ A sweep, then the chart::
     dvc queue start -j 1          # -j N runs N at once (each needs its own cores)
     python -m stages.tools.pareto  # experiments based on HEAD; --all-commits for every commit
 
-Each experiment (and its base commit) is one point: the chosen model's AP50 (``--model``,
-default the deployed one) against its latency and its params. Reads each experiment's
-reports/metrics.json through `dvc exp show`. A point is on the Pareto front when no other point is
-at least as cheap and at least as accurate, and strictly better in one of the two. Writes
-reports/sweep/pareto.csv and pareto.png (not DVC outputs: a view over experiments).
+Each experiment (and its base commit) is one point: the chosen model's test AP50 (``--model``,
+default the deployed one) against its latency, GFLOPs and params. Reads each experiment's
+reports/metrics.json and the distilled model's val AP50 (reports/distill/distill.json) through
+`dvc exp show`. A point is on the Pareto front when no other point is at least as cheap and at
+least as accurate, and strictly better in one of the two.
+
+The decision is made on val: with ``--reference`` (a val AP50, e.g. the budget-matched control's
+in reports/teacher_curve/curve.md), the chosen point is the fastest whose distilled val AP50 is
+within ``--within`` (0.03) of it. Writes reports/sweep/pareto.csv, pareto.md and pareto.png (not
+DVC outputs: a view over experiments).
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stages.pipeline import cli
-from stages.pipeline.outputs import print_summary, write_csv, written
+from stages.pipeline.outputs import atomic_path, print_summary, write_csv, written
 from stages.pipeline.plots import plot_accuracy_vs_cost
 from stages.pipeline.runtime import PROJECT_ROOT
 from stages.tools import dvc
 
 METRICS_FILE = "reports/metrics.json"
+DECISION_FILE = "reports/distill/distill.json"  # the distilled model's val AP50
 # cost column -> its Pareto-front flag column
 FRONTS = {"latency_ms": "front_latency", "gflops": "front_gflops", "params_m": "front_params"}
 OUT_DIR = PROJECT_ROOT / "reports" / "sweep"
@@ -53,11 +59,13 @@ def experiments(exp_show: list[dict]) -> list[dict]:
         data = rev.get("data") or {}
         params = data.get("params", {}).get("params.yaml", {}).get("data")
         metrics = data.get("metrics", {}).get(METRICS_FILE, {}).get("data")
+        decision = data.get("metrics", {}).get(DECISION_FILE, {}).get("data") or {}
         error = rev.get("error") or (None if params and metrics else "no params or metrics")
         return {
             "name": rev.get("name") or rev["rev"][:7],
             "params": _flatten(params or {}),
             "metrics": metrics or {},
+            "val_ap50": decision.get("ap50"),
             "error": error,
         }
 
@@ -105,10 +113,13 @@ def sweep_rows(found: list[dict], model: str) -> list[dict]:
     for e in usable:
         m = e["metrics"][model]
         device = "cpu" if "cpu_latency_ms" in m else "gpu"
+        unpruned = e["metrics"].get("baseline", {}).get("gflops")
         rows.append(
             {
                 "experiment": e["name"],
                 **{k: e["params"].get(k) for k in varying},
+                "val_ap50": e["val_ap50"],
+                "flops_cut": round(1 - m["gflops"] / unpruned, 4) if unpruned else None,
                 "ap50": m["ap50"],
                 "map50_95": m["map50_95"],
                 "params_m": m["params_m"],
@@ -124,11 +135,43 @@ def sweep_rows(found: list[dict], model: str) -> list[dict]:
     return rows
 
 
+def fastest_within(rows: Sequence[dict], reference: float, within: float) -> dict | None:
+    """The lowest-latency row whose val AP50 is at least (1 - within) x reference, or None."""
+    kept = [
+        r for r in rows if r["val_ap50"] is not None and r["val_ap50"] >= (1 - within) * reference
+    ]
+    return min(kept, key=lambda r: r["latency_ms"], default=None)
+
+
+def markdown(rows: Sequence[dict], model: str, choice: str) -> str:
+    """The sweep as a table by FLOPs cut, and the decision."""
+    varying = [k for k in rows[0] if "." in k]
+    head = ["experiment", *varying, "FLOPs cut", "val AP50 (distilled)", f"test AP50 ({model})"]
+    lines = [
+        choice,
+        "",
+        "| " + " | ".join([*head, f"{rows[0]['latency_device'].upper()} ms"]) + " |",
+        "|" + "---|" * (len(head) + 1),
+    ]
+    for r in sorted(rows, key=lambda r: (r["flops_cut"] is None, r["flops_cut"])):
+        cells = [r["experiment"], *(str(r[k]) for k in varying)]
+        cells += [
+            f"{r['flops_cut']:.1%}" if r["flops_cut"] is not None else "",
+            f"{r['val_ap50']:.4f}" if r["val_ap50"] is not None else "",
+            f"{r['ap50']:.4f}",
+            f"{r['latency_ms']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = cli.parser(__doc__)
     parser.add_argument("--model", default="deployed", help="model of reports/metrics.json")
     parser.add_argument("--all-commits", action="store_true", help="experiments of every commit")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the CSV and PNG")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder for the reports")
+    parser.add_argument("--reference", type=float, help="val AP50 the choice must stay near")
+    parser.add_argument("--within", type=float, default=0.03, help="fraction of --reference")
     args = parser.parse_args(argv)
 
     shown = dvc("exp", "show", "--json", *(["--all-commits"] if args.all_commits else []))
@@ -141,6 +184,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     out = args.out.resolve()
     write_csv(out / "pareto.csv", rows)
+    if args.reference is None:
+        choice = "No choice: pass --reference (a val AP50) to pick the fastest point near it."
+    elif (best := fastest_within(rows, args.reference, args.within)) is None:
+        choice = f"No experiment keeps {1 - args.within:.0%} of val AP50 {args.reference:.4f}."
+    else:
+        choice = (
+            f"Decided on val: **{best['experiment']}** is the fastest "
+            f"({best['latency_ms']:.2f} ms) whose distilled val AP50 ({best['val_ap50']:.4f}) "
+            f"keeps {1 - args.within:.0%} of {args.reference:.4f}."
+        )
+    with atomic_path(out / "pareto.md") as tmp:
+        tmp.write_text(markdown(rows, args.model, choice))
     device = rows[0]["latency_device"].upper()
     plot_accuracy_vs_cost(
         rows,
@@ -167,7 +222,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     skipped = [e["name"] for e in found if not _usable(e, args.model)]
     if skipped:
         summary.append(("skipped (failed or no metrics)", ", ".join(skipped)))
-    summary.append(written(out / "pareto.csv", out / "pareto.png"))
+    summary += [
+        ("decision", choice),
+        written(out / "pareto.csv", out / "pareto.md", out / "pareto.png"),
+    ]
     print_summary(f"pareto ({len(rows)} experiments, model {args.model})", summary)
 
 
