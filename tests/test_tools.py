@@ -12,7 +12,7 @@ from stages.pipeline.cli import UserError
 from stages.pipeline.params import validate
 from stages.tools.distill_ablation import choose_cwd, interval, markdown, paired
 from stages.tools.finetune_curve import knee
-from stages.tools.pareto import experiments, fastest_within, pareto_front, sweep_rows
+from stages.tools.pareto import decision, experiments, fastest_within, pareto_front, sweep_rows
 from stages.tools.pr_comment import (
     build_comment,
     changed_stages,
@@ -94,6 +94,8 @@ def test_experiments_flatten_dvc_exp_show_and_keep_only_varying_params() -> None
     assert fastest_within(rows, 0.70, 0.03)["experiment"] == "main"
     assert fastest_within(rows, 0.65, 0.03)["experiment"] == "r7"
     assert fastest_within(rows, 0.75, 0.03) is None
+    assert decision(rows, 0.65, 0.03).startswith("Decided on val: **r7** is the fastest (8.00 ms)")
+    assert decision(rows, 0.75, 0.03) == "No experiment keeps 97% of val AP50 0.7500."
 
 
 def _lock(ratio: float, code: str = "a1", baseline_model: str = "m1") -> dict:

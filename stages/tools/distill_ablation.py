@@ -197,10 +197,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--weights and --temperatures must be > 0 (plain fine-tuning always runs)")
     if len(set(args.seeds)) != len(args.seeds) or len(args.seeds) < 2:
         parser.error("--seeds must be at least two distinct seeds")
-    if not 2 <= (args.screen_seeds or len(args.seeds)) <= len(args.seeds):
+    screening = len(args.seeds) if args.screen_seeds is None else args.screen_seeds
+    if not 2 <= screening <= len(args.seeds):
         parser.error("--screen-seeds must be at least 2 and at most the number of --seeds")
 
-    screen = args.seeds[: args.screen_seeds]
+    screen = args.seeds[:screening]
     candidates = [(arm_name(w, t), w, t) for w in weights for t in taus]
     rows = [run(section, params, *arm, seed) for arm in candidates for seed in screen]
     chosen = choose_cwd(rows, screen)

@@ -143,6 +143,20 @@ def fastest_within(rows: Sequence[dict], reference: float, within: float) -> dic
     return min(kept, key=lambda r: r["latency_ms"], default=None)
 
 
+def decision(rows: Sequence[dict], reference: float | None, within: float) -> str:
+    """The sentence that names the fastest experiment within ``within`` of ``reference`` on val."""
+    if reference is None:
+        return "No choice: pass --reference (a val AP50) to pick the fastest point near it."
+    best = fastest_within(rows, reference, within)
+    if best is None:
+        return f"No experiment keeps {1 - within:.0%} of val AP50 {reference:.4f}."
+    return (
+        f"Decided on val: **{best['experiment']}** is the fastest ({best['latency_ms']:.2f} ms) "
+        f"whose distilled val AP50 ({best['val_ap50']:.4f}) keeps {1 - within:.0%} of "
+        f"{reference:.4f}."
+    )
+
+
 def markdown(rows: Sequence[dict], model: str, choice: str) -> str:
     """The sweep as a table by FLOPs cut, and the decision."""
     varying = [k for k in rows[0] if "." in k]
@@ -184,16 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     out = args.out.resolve()
     write_csv(out / "pareto.csv", rows)
-    if args.reference is None:
-        choice = "No choice: pass --reference (a val AP50) to pick the fastest point near it."
-    elif (best := fastest_within(rows, args.reference, args.within)) is None:
-        choice = f"No experiment keeps {1 - args.within:.0%} of val AP50 {args.reference:.4f}."
-    else:
-        choice = (
-            f"Decided on val: **{best['experiment']}** is the fastest "
-            f"({best['latency_ms']:.2f} ms) whose distilled val AP50 ({best['val_ap50']:.4f}) "
-            f"keeps {1 - args.within:.0%} of {args.reference:.4f}."
-        )
+    choice = decision(rows, args.reference, args.within)
     with atomic_path(out / "pareto.md") as tmp:
         tmp.write_text(markdown(rows, args.model, choice))
     device = rows[0]["latency_device"].upper()
