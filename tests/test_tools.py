@@ -48,9 +48,12 @@ def test_pareto_front_matches_a_reference_by_cost_levels() -> None:
         assert got == expected, points
 
 
-def _rev(name: str | None, rev: str, ratio: float, ap50: float, ms: float) -> dict:
+def _rev(
+    name: str | None, rev: str, ratio: float, ap50: float, ms: float, twin_ms: float = 12.0
+) -> dict:
     metrics = {"deployed": {"ap50": ap50, "map50_95": ap50 / 2, "params_m": ratio, "gflops": 1.0}}
     metrics["deployed"]["cpu_latency_ms"] = ms
+    metrics["baseline_deployed"] = {"cpu_latency_ms": twin_ms}  # timed in the same run
     metrics["baseline"] = {"gflops": 1.0 + ratio}
     return {
         "rev": rev,
@@ -77,12 +80,18 @@ def test_experiments_flatten_dvc_exp_show_and_keep_only_varying_params() -> None
                 {"name": "r7", "revs": [_rev("r7", "b" * 40, 0.7, 0.65, 8.0)]},
                 {"name": None, "revs": [_rev(None, "c" * 40, 0.5, 0.6, 9.5)]},
                 {"name": "broken", "revs": [failed]},
+                {  # a running experiment shows its base's metrics until it is done
+                    "name": "busy",
+                    "executor": {"state": "running"},
+                    "revs": [_rev("busy", "d" * 40, 0.9, 0.9, 1.0)],
+                },
             ],
         },
     ]
     found = experiments(shown)
-    assert [e["name"] for e in found] == ["main", "r7", "ccccccc", "broken"]
+    assert [e["name"] for e in found] == ["main", "r7", "ccccccc", "broken", "busy"]
     assert found[1]["params"]["prune.ratio"] == 0.7 and found[3]["error"]
+    assert found[4]["error"] == "experiment running"
     rows = sweep_rows(found, "deployed")
     assert [r["experiment"] for r in rows] == ["main", "r7", "ccccccc"]
     assert {k for k in rows[0] if "." in k} == {"prune.ratio"}  # seed never varies
@@ -94,7 +103,13 @@ def test_experiments_flatten_dvc_exp_show_and_keep_only_varying_params() -> None
     assert fastest_within(rows, 0.70, 0.03)["experiment"] == "main"
     assert fastest_within(rows, 0.65, 0.03)["experiment"] == "r7"
     assert fastest_within(rows, 0.75, 0.03) is None
-    assert decision(rows, 0.65, 0.03).startswith("Decided on val: **r7** is the fastest (8.00 ms)")
+    assert decision(rows, 0.65, 0.03).startswith(
+        "Decided on val: **r7** is the fastest (8.00 ms, 1.50x its run's baseline)"
+    )
+    # Speed is the ratio within each run: r7's lower latency came from a faster run (its
+    # baseline took 8.8 ms, main's 12), so main, 1.33x its own baseline, is the faster model.
+    rows[1]["speedup"] = round(8.8 / 8.0, 3)
+    assert fastest_within(rows, 0.65, 0.03)["experiment"] == "main"
     assert decision(rows, 0.75, 0.03) == "No experiment keeps 97% of val AP50 0.7500."
 
 

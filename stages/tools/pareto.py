@@ -13,9 +13,11 @@ reports/metrics.json and the distilled model's val AP50 (reports/distill/distill
 least as accurate, and strictly better in one of the two.
 
 The decision is made on val: with ``--reference`` (a val AP50, e.g. the budget-matched control's
-in reports/teacher_curve/curve.md), the chosen point is the fastest whose distilled val AP50 is
-within ``--within`` (0.03) of it. Writes reports/sweep/pareto.csv, pareto.md and pareto.png (not
-DVC outputs: a view over experiments).
+in reports/teacher_curve/curve.md), the chosen point is the fastest whose distilled val AP50
+keeps ``1 - --within`` (0.97) of it. Fastest by the speedup over the baseline built the same way
+and timed in the same run (latencies of different runs drift with the machine's load). A queued,
+running or failed experiment is left out. Writes reports/sweep/pareto.csv, pareto.md and
+pareto.png (not DVC outputs: a view over experiments).
 """
 
 from __future__ import annotations
@@ -55,12 +57,14 @@ def experiments(exp_show: list[dict]) -> list[dict]:
     The workspace entry is left out: after `dvc exp run` it repeats the last experiment.
     """
 
-    def entry(rev: dict) -> dict:
+    def entry(rev: dict, state: str | None = None) -> dict:
         data = rev.get("data") or {}
         params = data.get("params", {}).get("params.yaml", {}).get("data")
         metrics = data.get("metrics", {}).get(METRICS_FILE, {}).get("data")
         decision = data.get("metrics", {}).get(DECISION_FILE, {}).get("data") or {}
         error = rev.get("error") or (None if params and metrics else "no params or metrics")
+        if state not in (None, "success"):  # a running one shows its base's metrics until done
+            error = error or f"experiment {state}"
         return {
             "name": rev.get("name") or rev["rev"][:7],
             "params": _flatten(params or {}),
@@ -75,7 +79,8 @@ def experiments(exp_show: list[dict]) -> list[dict]:
             continue
         found.append(entry(commit))
         for experiment in commit.get("experiments") or []:
-            found.extend(entry(rev) for rev in experiment.get("revs") or [])
+            state = (experiment.get("executor") or {}).get("state")
+            found.extend(entry(rev, state) for rev in experiment.get("revs") or [])
     return found
 
 
@@ -114,6 +119,10 @@ def sweep_rows(found: list[dict], model: str) -> list[dict]:
         m = e["metrics"][model]
         device = "cpu" if "cpu_latency_ms" in m else "gpu"
         unpruned = e["metrics"].get("baseline", {}).get("gflops")
+        # The baseline built like the model and timed in the same run: a ratio within one run,
+        # unlike latencies of different experiments, which drift with the machine's load.
+        twin = e["metrics"].get(f"baseline_{model}", e["metrics"].get("baseline", {}))
+        twin_ms = twin.get(f"{device}_latency_ms")
         rows.append(
             {
                 "experiment": e["name"],
@@ -126,6 +135,7 @@ def sweep_rows(found: list[dict], model: str) -> list[dict]:
                 "gflops": m["gflops"],
                 "latency_ms": m[f"{device}_latency_ms"],
                 "latency_device": device,
+                "speedup": round(twin_ms / m[f"{device}_latency_ms"], 3) if twin_ms else None,
             }
         )
     for cost, flag_column in FRONTS.items():
@@ -136,10 +146,15 @@ def sweep_rows(found: list[dict], model: str) -> list[dict]:
 
 
 def fastest_within(rows: Sequence[dict], reference: float, within: float) -> dict | None:
-    """The lowest-latency row whose val AP50 is at least (1 - within) x reference, or None."""
+    """The fastest row whose val AP50 is at least (1 - within) x reference, or None.
+
+    Fastest by the speedup over the baseline timed in the same run where every kept row has
+    one, else by latency."""
     kept = [
         r for r in rows if r["val_ap50"] is not None and r["val_ap50"] >= (1 - within) * reference
     ]
+    if kept and all(r["speedup"] for r in kept):
+        return max(kept, key=lambda r: r["speedup"])
     return min(kept, key=lambda r: r["latency_ms"], default=None)
 
 
@@ -151,7 +166,9 @@ def decision(rows: Sequence[dict], reference: float | None, within: float) -> st
     if best is None:
         return f"No experiment keeps {1 - within:.0%} of val AP50 {reference:.4f}."
     return (
-        f"Decided on val: **{best['experiment']}** is the fastest ({best['latency_ms']:.2f} ms) "
+        f"Decided on val: **{best['experiment']}** is the fastest ({best['latency_ms']:.2f} ms"
+        + (f", {best['speedup']:.2f}x its run's baseline" if best["speedup"] else "")
+        + ") "
         f"whose distilled val AP50 ({best['val_ap50']:.4f}) keeps {1 - within:.0%} of "
         f"{reference:.4f}."
     )
@@ -164,8 +181,8 @@ def markdown(rows: Sequence[dict], model: str, choice: str) -> str:
     lines = [
         choice,
         "",
-        "| " + " | ".join([*head, f"{rows[0]['latency_device'].upper()} ms"]) + " |",
-        "|" + "---|" * (len(head) + 1),
+        "| " + " | ".join([*head, f"{rows[0]['latency_device'].upper()} ms", "speedup"]) + " |",
+        "|" + "---|" * (len(head) + 2),
     ]
     for r in sorted(rows, key=lambda r: (r["flops_cut"] is None, r["flops_cut"])):
         cells = [r["experiment"], *(str(r[k]) for k in varying)]
@@ -174,6 +191,7 @@ def markdown(rows: Sequence[dict], model: str, choice: str) -> str:
             f"{r['val_ap50']:.4f}" if r["val_ap50"] is not None else "",
             f"{r['ap50']:.4f}",
             f"{r['latency_ms']:.2f}",
+            f"{r['speedup']:.2f}x" if r["speedup"] else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
