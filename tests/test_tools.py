@@ -108,8 +108,11 @@ def test_experiments_flatten_dvc_exp_show_and_keep_only_varying_params() -> None
     )
     # Speed is the ratio within each run: r7's lower latency came from a faster run (its
     # baseline took 8.8 ms, main's 12), so main, 1.33x its own baseline, is the faster model.
-    rows[1]["speedup"] = round(8.8 / 8.0, 3)
-    assert fastest_within(rows, 0.65, 0.03)["experiment"] == "main"
+    fast_run = {"name": "r7", "revs": [_rev("r7", "b" * 40, 0.7, 0.65, 8.0, twin_ms=8.8)]}
+    shown[1]["experiments"] = [fast_run]
+    assert fastest_within(sweep_rows(experiments(shown), "deployed"), 0.65, 0.03)["experiment"] == (
+        "main"
+    )
     assert decision(rows, 0.75, 0.03) == "No experiment keeps 97% of val AP50 0.7500."
 
 

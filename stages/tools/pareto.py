@@ -119,8 +119,9 @@ def sweep_rows(found: list[dict], model: str) -> list[dict]:
         m = e["metrics"][model]
         device = "cpu" if "cpu_latency_ms" in m else "gpu"
         unpruned = e["metrics"].get("baseline", {}).get("gflops")
-        # The baseline built like the model and timed in the same run: a ratio within one run,
-        # unlike latencies of different experiments, which drift with the machine's load.
+        # The baseline built like the model (trt_build's `baseline_<name>`; the PyTorch baseline
+        # for PyTorch rows) and timed in the same run: a ratio within one run, unlike latencies
+        # of different experiments, which drift with the machine's load.
         twin = e["metrics"].get(f"baseline_{model}", e["metrics"].get("baseline", {}))
         twin_ms = twin.get(f"{device}_latency_ms")
         rows.append(
@@ -165,10 +166,11 @@ def decision(rows: Sequence[dict], reference: float | None, within: float) -> st
     best = fastest_within(rows, reference, within)
     if best is None:
         return f"No experiment keeps {1 - within:.0%} of val AP50 {reference:.4f}."
+    speed = f"{best['latency_ms']:.2f} ms"
+    if best["speedup"]:
+        speed += f", {best['speedup']:.2f}x its run's baseline"
     return (
-        f"Decided on val: **{best['experiment']}** is the fastest ({best['latency_ms']:.2f} ms"
-        + (f", {best['speedup']:.2f}x its run's baseline" if best["speedup"] else "")
-        + ") "
+        f"Decided on val: **{best['experiment']}** is the fastest ({speed}) "
         f"whose distilled val AP50 ({best['val_ap50']:.4f}) keeps {1 - within:.0%} of "
         f"{reference:.4f}."
     )
